@@ -1,0 +1,62 @@
+"""Installs imagen_jax (pip name imagen-jax)."""
+
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "imagen_jax", "__init__.py")) as f:
+  VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+INSTALL_REQUIRES = [
+    "jax>=0.4.35",
+    "flax>=0.10",
+    "optax>=0.2.3",
+    "orbax-checkpoint>=0.11",
+    "seqio>=0.0.19",
+    "tensorflow>=2.16",
+    "tensorflow-datasets>=4.9",
+    "ml_collections>=0.1.1",
+    "clu>=0.0.12",
+    "tensorboard>=2.16",
+    "sentencepiece>=0.1.99",
+    "numpy>=1.26",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "scikit-learn>=1.4",   # the digits dataset and its evaluator
+    "matplotlib>=3.8",     # sweep plots
+    "safetensors>=0.4",    # reading Hugging Face T5 checkpoints
+]
+
+# Reference implementations for parity tests. torch==2.13.0 is the CPU build
+# (a bare "torch" would pull a multi-GB CUDA build).
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "torch==2.13.0",
+    "transformers>=4.40",
+    "diffusers>=0.30",
+    "nbclient>=0.10",
+    "nbformat>=5.9",
+    "ipykernel>=6.29",
+]
+
+setup(
+    name="imagen-jax",
+    version=VERSION,
+    description=("Imagen-style cascaded text-to-image diffusion (frozen T5, "
+                 "base U-Net, Efficient U-Net super-resolution) in JAX/Flax."),
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["imagen_jax", "imagen_jax.*"]),
+    package_data={"imagen_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={
+        "console_scripts": [
+            "imagen-demo=imagen_jax.demo:run_main",
+        ],
+    },
+)
