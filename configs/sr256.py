@@ -1,0 +1,63 @@
+"""Imagen super-resolution stage 64 -> 256: Efficient U-Net (~600M params).
+
+Paper (App. B, F): channels 128/256/512/1024 with 2/4/8/8 res blocks per
+level; downsample before / upsample after the block convolutions; skips
+scaled by 1/sqrt(2); self-attention and text cross-attention at the lowest
+resolution only; noise conditioning augmentation of the 64x64 input.
+
+Variants (``--config=configs/sr256.py:VARIANT``): paper (default), cpu
+(16 -> 64), tiny (8 -> 32, tests).
+
+  python -m imagen_jax.tools.param_count --config=configs/sr256.py
+"""
+
+from imagen_jax import config_defaults
+
+
+def get_config(arg: str = "paper"):
+  """Returns the config of the 64 -> 256 stage; ``arg`` picks the variant."""
+  config = config_defaults.base()
+  config.resolution = 256
+  config.lowres_resolution = 64
+  m = config.model
+  m.efficient = True
+  m.lowres_cond = True
+  m.base_channels = 128
+  m.channel_mult = (1, 2, 4, 8)
+  m.num_res_blocks = (2, 4, 8, 8)
+  m.self_attn = (False, False, False, True)
+  m.cross_attn = (False, False, False, True)
+  m.ff_mult = 2
+  m.head_dim = 64
+  m.text_dim = 4096
+  m.cond_dim = 512
+  if arg == "cpu":
+    config.resolution = 64
+    config.lowres_resolution = 16
+    m.base_channels = 32
+    m.channel_mult = (1, 2, 4)
+    m.num_res_blocks = (1, 2, 2)
+    m.self_attn = (False, False, True)
+    m.cross_attn = (False, False, True)
+    m.head_dim = 32
+    m.text_dim = 256
+    m.cond_dim = 128
+    m.num_groups = 16
+    m.dtype = "float32"
+  elif arg == "tiny":
+    config.resolution = 32
+    config.lowres_resolution = 8
+    m.base_channels = 16
+    m.channel_mult = (1, 2)
+    m.num_res_blocks = (1, 2)
+    m.self_attn = (False, True)
+    m.cross_attn = (False, True)
+    m.head_dim = 16
+    m.text_dim = 32
+    m.cond_dim = 32
+    m.num_groups = 8
+    m.dtype = "float32"
+  elif arg != "paper":
+    raise ValueError(f"Unknown variant {arg!r} of sr256.py; choose paper, cpu "
+                     "or tiny.")
+  return config

@@ -1,0 +1,305 @@
+"""Building blocks of the text-conditioned U-Net.
+
+Every parameter is created with logical axis names so the training code can
+shard it with data / fsdp / tensor rules (see ``imagen_jax.parallel``):
+
+  conv kernels   (None, None, "conv_in", "conv_out")
+  dense kernels  ("embed", "mlp") or ("mlp", "embed")
+  attention      ("embed", "heads"): q/k/v projections, ("heads", "embed"): out
+  norms, biases  ("norm",)
+
+Large activations carry ``nn.with_logical_constraint`` with
+("batch", "height", "width", "act_channels") or ("batch", "length", ...),
+which are no-ops outside a mesh / rules context.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+DEFAULT_INIT = nn.initializers.lecun_normal()
+ZEROS = nn.initializers.zeros_init()
+ONES = nn.initializers.ones_init()
+
+IMAGE_AXES = ("batch", "height", "width", "act_channels")
+SEQ_AXES = ("batch", "length", "act_embed")
+
+
+def partitioned(init, names):
+  """Wraps an initializer so the parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain_image(x: jax.Array) -> jax.Array:
+  """Logical sharding constraint for ``[B, H, W, C]`` activations."""
+  return nn.with_logical_constraint(x, IMAGE_AXES)
+
+
+def constrain_seq(x: jax.Array) -> jax.Array:
+  """Logical sharding constraint for ``[B, L, D]`` activations."""
+  return nn.with_logical_constraint(x, SEQ_AXES)
+
+
+def dense(features: int, dtype: Dtype, *, names=("embed", "mlp"),
+          kernel_init=DEFAULT_INIT, use_bias: bool = True, name=None
+          ) -> nn.Dense:
+  """A Dense layer with float32 params, ``dtype`` compute and named axes."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  use_bias=use_bias, kernel_init=partitioned(kernel_init, names),
+                  bias_init=partitioned(ZEROS, (names[-1],)), name=name)
+
+
+def conv(features: int, dtype: Dtype, *, kernel: int = 3, strides: int = 1,
+         kernel_init=DEFAULT_INIT, name=None) -> nn.Conv:
+  """A SAME-padded 2D convolution with named axes."""
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=partitioned(kernel_init,
+                                         (None, None, "conv_in", "conv_out")),
+                 bias_init=partitioned(ZEROS, ("conv_out",)), name=name)
+
+
+def group_norm(num_groups: int, dtype: Dtype, name=None) -> nn.GroupNorm:
+  """GroupNorm whose statistics are reduced in float32 whatever the dtype."""
+  return nn.GroupNorm(num_groups=num_groups, dtype=dtype,
+                      param_dtype=jnp.float32, epsilon=1e-5,
+                      scale_init=partitioned(ONES, ("norm",)),
+                      bias_init=partitioned(ZEROS, ("norm",)), name=name)
+
+
+def layer_norm(dtype: Dtype, name=None) -> nn.LayerNorm:
+  """LayerNorm with float32 statistics and named axes."""
+  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, epsilon=1e-5,
+                      scale_init=partitioned(ONES, ("norm",)),
+                      bias_init=partitioned(ZEROS, ("norm",)), name=name)
+
+
+def noise_level_embedding(logsnr: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embedding of a log-SNR noise level.
+
+  log-SNR is first mapped to t' = atan(exp(-logsnr / 2)) / (pi / 2) in (0, 1)
+  (the time of the truncated-cosine schedule with that level), then embedded as
+  a DDPM timestep 1000 t'. This spreads the [-20, 20] range evenly over the
+  frequencies instead of wasting most of them on the extremes.
+
+  Args:
+    logsnr: ``[B]`` noise levels.
+    dim: embedding width (even).
+
+  Returns:
+    ``[B, dim]`` float32 embedding.
+  """
+  logsnr = jnp.clip(logsnr.astype(jnp.float32), -20.0, 20.0)
+  t = jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * math.pi) * 1000.0
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t[:, None] * freqs[None]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class NoiseLevelMLP(nn.Module):
+  """Sinusoidal embedding of a noise level followed by a 2-layer MLP."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, logsnr: jax.Array) -> jax.Array:
+    emb = noise_level_embedding(logsnr, max(self.features // 4, 32) * 2)
+    emb = dense(self.features, self.dtype, name="dense_0")(emb)
+    emb = nn.silu(emb)
+    return dense(self.features, self.dtype, names=("mlp", "embed"),
+                 name="dense_1")(emb)
+
+
+def film(x: jax.Array, emb: jax.Array, dtype: Dtype, name: str) -> jax.Array:
+  """Scale-shift (FiLM) modulation of ``[B, H, W, C]`` features by ``[B, E]``."""
+  params = dense(2 * x.shape[-1], dtype, name=name)(nn.silu(emb))
+  scale, shift = jnp.split(params[:, None, None, :], 2, axis=-1)
+  return x * (1.0 + scale) + shift
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-Conv residual block, optionally FiLM-conditioned.
+
+  The skip path is a 1x1 convolution when the width changes. With
+  ``use_film=False`` the block is unconditioned: the Efficient U-Net combines
+  the embedding once per D/U block instead (``CombineEmbs``).
+  """
+  features: int
+  num_groups: int = 32
+  dropout: float = 0.0
+  use_film: bool = True
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    # x: [B, H, W, Cin]; emb: [B, E]
+    h = nn.silu(group_norm(self.num_groups, self.dtype, name="norm_0")(x))
+    h = conv(self.features, self.dtype, name="conv_0")(h)
+    h = constrain_image(h)
+    h = group_norm(self.num_groups, self.dtype, name="norm_1")(h)
+    if self.use_film:
+      h = film(h, emb, self.dtype, "film")
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    # Zero-init of the last conv makes each block start as the identity.
+    h = conv(self.features, self.dtype, kernel_init=ZEROS, name="conv_1")(h)
+    if x.shape[-1] != self.features:
+      x = conv(self.features, self.dtype, kernel=1, name="skip")(x)
+    return constrain_image(x + h)
+
+
+class Downsample(nn.Module):
+  """Strided 3x3 convolution: halves H and W, sets the width."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return constrain_image(conv(self.features, self.dtype, strides=2,
+                                name="conv")(x))
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 followed by a 3x3 convolution."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    x = x.reshape(b, 2 * h, 2 * w, c)
+    return constrain_image(conv(self.features, self.dtype, name="conv")(x))
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     mask: Optional[jax.Array]) -> jax.Array:
+  """Multi-head dot-product attention with a float32 softmax.
+
+  Args:
+    q: ``[B, T, N, H]`` queries.
+    k: ``[B, S, N, H]`` keys.
+    v: ``[B, S, N, H]`` values.
+    mask: ``[B, S]`` bool (True = attend) or None.
+
+  Returns:
+    ``[B, T, N, H]`` in the dtype of ``v``.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k,
+                      preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    # finfo.min, not -inf: a fully masked row then degrades to uniform weights
+    # instead of NaN (callers always add an attendable null token anyway).
+    logits = jnp.where(mask[:, None, None, :], logits,
+                       jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+class Attention(nn.Module):
+  """Multi-head attention from ``x`` to a context (itself when None).
+
+  The inner width (heads x head_dim) is the narrower of the query and context
+  widths: keys and values projected from a D-wide context have rank <= D, so
+  a wider inner space would add parameters and FLOPs but no capacity.
+  """
+  head_dim: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    # x: [B, T, C]; context: [B, S, D]; mask: [B, S]
+    width = x.shape[-1]
+    context = x if context is None else context
+    inner = min(width, context.shape[-1])
+    heads = max(inner // self.head_dim, 1)
+    head_dim = inner // heads
+
+    def proj(name, inp):
+      return nn.DenseGeneral((heads, head_dim), dtype=self.dtype,
+                             param_dtype=jnp.float32,
+                             kernel_init=partitioned(DEFAULT_INIT,
+                                                     ("embed", "heads", "kv")),
+                             bias_init=partitioned(ZEROS, ("heads", "kv")),
+                             name=name)(inp)
+
+    q, k, v = proj("query", x), proj("key", context), proj("value", context)
+    out = masked_attention(q, k, v, mask)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                           param_dtype=jnp.float32,
+                           kernel_init=partitioned(ZEROS,
+                                                   ("heads", "kv", "embed")),
+                           bias_init=partitioned(ZEROS, ("embed",)),
+                           name="out")(out)
+
+
+class AttentionBlock(nn.Module):
+  """Self-attention and/or masked text cross-attention (+ optional MLP).
+
+  Each sub-layer is pre-normalised (GroupNorm for image tokens; the text
+  context arrives LayerNorm'ed from the U-Net) and residual with a
+  zero-initialised output projection.
+  """
+  self_attn: bool = True
+  cross_attn: bool = True
+  head_dim: int = 64
+  ff_mult: int = 0
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array,
+               context_mask: jax.Array) -> jax.Array:
+    # x: [B, H, W, C]; context: [B, S, D]; context_mask: [B, S]
+    b, h, w, c = x.shape
+    if self.self_attn:
+      y = group_norm(self.num_groups, self.dtype, name="norm_self")(x)
+      y = Attention(self.head_dim, self.dtype, name="self")(
+          y.reshape(b, h * w, c))
+      x = constrain_image(x + y.reshape(b, h, w, c))
+    if self.cross_attn:
+      y = group_norm(self.num_groups, self.dtype, name="norm_cross")(x)
+      y = Attention(self.head_dim, self.dtype, name="cross")(
+          y.reshape(b, h * w, c), context, context_mask)
+      x = constrain_image(x + y.reshape(b, h, w, c))
+    if self.ff_mult:
+      y = group_norm(self.num_groups, self.dtype, name="norm_ff")(x)
+      y = dense(c * self.ff_mult, self.dtype, name="ff_in")(y)
+      y = dense(c, self.dtype, names=("mlp", "embed"), kernel_init=ZEROS,
+                name="ff_out")(nn.gelu(y))
+      x = constrain_image(x + y)
+    return x
+
+
+class AttentionPool(nn.Module):
+  """Pools a masked token sequence into one vector with a learned query."""
+  features: int
+  head_dim: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    # tokens: [B, S, D]; mask: [B, S] -> [B, features]
+    b, _, d = tokens.shape
+    query = self.param("query", partitioned(nn.initializers.normal(0.02),
+                                            (None, "embed")), (1, d))
+    query = jnp.broadcast_to(query[None].astype(self.dtype), (b, 1, d))
+    # The query attends over the tokens and its own mean-free seed: the mean
+    # of the masked tokens is added so the pool sees content even at init.
+    pooled = Attention(self.head_dim, self.dtype, name="attn")(query, tokens,
+                                                               mask)[:, 0]
+    denom = jnp.maximum(mask.sum(-1, keepdims=True), 1).astype(jnp.float32)
+    mean = jnp.sum(tokens.astype(jnp.float32) * mask[..., None], axis=1) / denom
+    pooled = layer_norm(self.dtype, name="norm")(pooled + mean.astype(pooled.dtype))
+    return dense(self.features, self.dtype, name="proj")(pooled)

@@ -1,0 +1,283 @@
+"""Text-conditioned U-Net: Imagen's base U-Net and its Efficient U-Net.
+
+One class, two layouts:
+
+* ``efficient=False`` (base 64x64, after Improved DDPM / ADM): level i works
+  at resolution R / 2^i; a skip is kept after every res block and every
+  downsample; up levels have one more res block than down levels; a middle
+  block (res, attention, res) sits at the bottom.
+* ``efficient=True`` (Imagen's Efficient U-Net for super-resolution): every
+  level first downsamples (D block: downsample *before* its convolutions) and
+  every up level upsamples *after* its convolutions (U block); one skip per
+  level, scaled by 1/sqrt(2); the conditioning embedding is combined once per
+  D/U block (FiLM after the resampling conv, Imagen's CombineEmbs) instead of
+  in every res block; more res blocks at low resolution come from a
+  per-level ``num_res_blocks``.
+
+Conditioning: the noise level (log-SNR) through a sinusoidal embedding and an
+MLP; for SR stages the augmentation level through its own MLP, added; the
+pooled text vector (attention pooling, LayerNorm) projected and added; masked
+cross-attention over the whole text sequence at chosen levels, with a learned
+always-visible null token so all-masked (null) text is well defined and
+padding has no effect. SR stages receive the low-res image, resized to the
+stage resolution and concatenated to the noisy input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.models import layers
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+
+
+def _per_level(value, levels: int, name: str) -> tuple:
+  if isinstance(value, (int, bool)):
+    return (value,) * levels
+  value = tuple(value)
+  if len(value) != levels:
+    raise ValueError(f"{name} has {len(value)} entries but channel_mult has "
+                     f"{levels} levels; give one per level.")
+  return value
+
+
+class UNet(nn.Module):
+  """Text-conditioned U-Net for one diffusion stage.
+
+  Attributes:
+    base_channels: width of level 0 (embed dim in the paper).
+    channel_mult: width multiplier per level.
+    num_res_blocks: res blocks per level (int or one per level).
+    self_attn: self-attention per level (bool or one per level).
+    cross_attn: text cross-attention per level (bool or one per level).
+    efficient: Efficient U-Net layout (see module docstring).
+    mid_attn: middle block with attention (non-efficient layout only).
+    head_dim: channels per attention head.
+    ff_mult: MLP width multiplier inside attention blocks (0 = no MLP).
+    text_dim: width of the text embeddings the stage is fed (T5 d_model).
+    cond_dim: width the text is projected to for cross-attention.
+    emb_dim: width of the time/conditioning embedding (default 4 x base).
+    in_channels: channels of the image being denoised.
+    out_channels: channels of the prediction (default in_channels).
+    lowres_cond: True for super-resolution stages.
+    lowres_resize: "bilinear" or "bicubic" upsampling of the low-res input.
+    num_groups: GroupNorm groups.
+    dropout: dropout rate inside res blocks.
+    dtype: compute dtype name ("float32", "bfloat16"); params stay float32.
+    remat: rematerialisation policy per block: "none", "full", "dots",
+      "dots_no_batch".
+  """
+  base_channels: int = 128
+  channel_mult: Sequence[int] = (1, 2, 4, 8)
+  num_res_blocks: Any = 2
+  self_attn: Any = False
+  cross_attn: Any = False
+  efficient: bool = False
+  mid_attn: bool = True
+  head_dim: int = 64
+  ff_mult: int = 0
+  text_dim: int = 4096
+  cond_dim: int = 512
+  emb_dim: Optional[int] = None
+  in_channels: int = 3
+  out_channels: Optional[int] = None
+  lowres_cond: bool = False
+  lowres_resize: str = "bilinear"
+  num_groups: int = 32
+  dropout: float = 0.0
+  dtype: str = "float32"
+  remat: str = "none"
+
+  def _check_inputs(self, x, logsnr, text, text_mask, lowres, aug_logsnr):
+    levels = len(self.channel_mult)
+    if x.ndim != 4:
+      raise ValueError(f"Image input must be [B, H, W, C], got shape {x.shape}.")
+    b, h, w, c = x.shape
+    if c != self.in_channels:
+      raise ValueError(f"Image has {c} channels but the U-Net expects "
+                       f"in_channels={self.in_channels}.")
+    factor = 2 ** (levels if self.efficient else levels - 1)
+    if h % factor or w % factor:
+      raise ValueError(f"Resolution {h}x{w} is not divisible by {factor}, the "
+                       f"down-sampling factor of {levels} levels; use a "
+                       f"multiple of {factor}.")
+    if logsnr.shape != (b,):
+      raise ValueError(f"Noise level must have shape [B]=({b},), got {logsnr.shape}.")
+    if text.ndim != 3 or text.shape[0] != b:
+      raise ValueError(f"Text embeddings must be [B, L, D] with B={b}, got "
+                       f"{text.shape}.")
+    if text.shape[-1] != self.text_dim:
+      raise ValueError(f"Text embeddings have width {text.shape[-1]} but the "
+                       f"U-Net was configured with text_dim={self.text_dim}; "
+                       "use the T5 size the stage was built for.")
+    if text_mask.shape != text.shape[:2]:
+      raise ValueError(f"Text mask shape {text_mask.shape} does not match the "
+                       f"embeddings' [B, L] = {text.shape[:2]}.")
+    if self.lowres_cond:
+      if lowres is None or aug_logsnr is None:
+        raise ValueError("This is a super-resolution U-Net (lowres_cond=True): "
+                         "pass the low-res image and its aug level.")
+      if lowres.ndim != 4 or lowres.shape[0] != b or lowres.shape[-1] != c:
+        raise ValueError(f"Low-res input must be [B, h, w, {c}], got "
+                         f"{lowres.shape}.")
+    elif lowres is not None:
+      raise ValueError("A low-res image was given to a U-Net built without "
+                       "lowres_cond; set lowres_cond=True for SR stages.")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, logsnr: jax.Array, text: jax.Array,
+               text_mask: jax.Array, lowres: Optional[jax.Array] = None,
+               aug_logsnr: Optional[jax.Array] = None, *,
+               train: bool = False) -> jax.Array:
+    """Predicts the stage's target (eps, x0 or v) for noisy images.
+
+    Args:
+      x: noisy images ``[B, H, W, C]``.
+      logsnr: noise levels ``[B]`` (log-SNR).
+      text: text embeddings ``[B, L, text_dim]``.
+      text_mask: ``[B, L]`` bool, True for real tokens.
+      lowres: SR stages only: low-res images ``[B, h, w, C]`` (already
+        noise-augmented).
+      aug_logsnr: SR stages only: augmentation levels ``[B]`` (log-SNR).
+      train: enables dropout (needs a "dropout" rng).
+
+    Returns:
+      Predictions ``[B, H, W, out_channels]`` in float32.
+    """
+    self._check_inputs(x, logsnr, text, text_mask, lowres, aug_logsnr)
+    dtype = DTYPES[self.dtype]
+    levels = len(self.channel_mult)
+    num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
+    self_attn = _per_level(self.self_attn, levels, "self_attn")
+    cross_attn = _per_level(self.cross_attn, levels, "cross_attn")
+    widths = [self.base_channels * m for m in self.channel_mult]
+    emb_dim = self.emb_dim or 4 * self.base_channels
+    b, height, width, channels = x.shape
+
+    policy = REMAT_POLICIES[self.remat]
+    res_cls, attn_cls = layers.ResBlock, layers.AttentionBlock
+    if self.remat != "none":
+      res_cls = nn.remat(res_cls, policy=policy)
+      attn_cls = nn.remat(attn_cls, policy=policy)
+
+    # --- conditioning --------------------------------------------------------
+    ctx = layers.layer_norm(dtype, name="text_norm")(text.astype(dtype))
+    ctx = layers.dense(self.cond_dim, dtype, name="text_proj")(ctx)
+    null = self.param("null_token", layers.partitioned(
+        nn.initializers.normal(0.02), (None, "embed")), (1, self.cond_dim))
+    ctx = jnp.concatenate(
+        [jnp.broadcast_to(null[None].astype(dtype), (b, 1, self.cond_dim)), ctx],
+        axis=1)  # [B, 1 + L, cond_dim]
+    ctx = layers.constrain_seq(ctx)
+    ctx_mask = jnp.concatenate([jnp.ones((b, 1), bool), text_mask.astype(bool)],
+                               axis=1)
+    # Padding must not reach the output: zero masked tokens before any
+    # position-independent op could mix them in (attention already masks).
+    ctx = jnp.where(ctx_mask[..., None], ctx, 0).astype(dtype)
+
+    emb = layers.NoiseLevelMLP(emb_dim, dtype, name="time_mlp")(logsnr)
+    if self.lowres_cond:
+      emb = emb + layers.NoiseLevelMLP(emb_dim, dtype, name="aug_mlp")(aug_logsnr)
+    emb = emb + layers.AttentionPool(emb_dim, self.head_dim, dtype,
+                                     name="text_pool")(ctx, ctx_mask)
+    emb = emb.astype(dtype)
+
+    # --- input ---------------------------------------------------------------
+    h = x.astype(dtype)
+    if self.lowres_cond:
+      up = jax.image.resize(lowres.astype(jnp.float32),
+                            (b, height, width, channels), self.lowres_resize)
+      h = jnp.concatenate([h, up.astype(dtype)], axis=-1)
+    h = layers.conv(widths[0], dtype, name="conv_in")(h)
+    h = layers.constrain_image(h)
+
+    def res_block(name, feats, inp):
+      return res_cls(feats, self.num_groups, self.dropout,
+                     use_film=not self.efficient, deterministic=not train,
+                     dtype=dtype, name=name)(inp, emb)
+
+    def attn_block(name, level, inp, self_on=None):
+      use_self = self_attn[level] if self_on is None else self_on
+      if not (use_self or cross_attn[level]):
+        return inp
+      return attn_cls(use_self, cross_attn[level], self.head_dim, self.ff_mult,
+                      self.num_groups, dtype, name=name)(inp, ctx, ctx_mask)
+
+    if self.efficient:
+      h = self._efficient(h, emb, widths, num_blocks, res_block, attn_block)
+    else:
+      h = self._standard(h, widths, num_blocks, res_block, attn_block)
+
+    h = nn.silu(layers.group_norm(self.num_groups, dtype, name="norm_out")(h))
+    out = layers.conv(self.out_channels or self.in_channels, dtype,
+                      kernel_init=layers.ZEROS, name="conv_out")(h)
+    return out.astype(jnp.float32)
+
+  def _standard(self, h, widths, num_blocks, res_block, attn_block):
+    levels = len(widths)
+    skips = [h]
+    for i in range(levels):
+      for j in range(num_blocks[i]):
+        h = res_block(f"down_{i}_res_{j}", widths[i], h)
+        h = attn_block(f"down_{i}_attn_{j}", i, h)
+        skips.append(h)
+      if i < levels - 1:
+        h = layers.Downsample(widths[i], DTYPES[self.dtype],
+                              name=f"down_{i}_resample")(h)
+        skips.append(h)
+    h = res_block("mid_res_0", widths[-1], h)
+    if self.mid_attn:
+      h = attn_block("mid_attn", levels - 1, h, self_on=True)
+    h = res_block("mid_res_1", widths[-1], h)
+    for i in reversed(range(levels)):
+      for j in range(num_blocks[i] + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(f"up_{i}_res_{j}", widths[i], h)
+        h = attn_block(f"up_{i}_attn_{j}", i, h)
+      if i > 0:
+        h = layers.Upsample(widths[i], DTYPES[self.dtype],
+                            name=f"up_{i}_resample")(h)
+    assert not skips
+    return h
+
+  def _efficient(self, h, emb, widths, num_blocks, res_block, attn_block):
+    levels = len(widths)
+    skip_scale = 1.0 / math.sqrt(2.0)
+    skips = []
+    for i in range(levels):
+      # D block: downsample before the convolutions.
+      h = layers.Downsample(widths[i], DTYPES[self.dtype],
+                            name=f"down_{i}_resample")(h)
+      h = layers.film(h, emb, DTYPES[self.dtype], f"down_{i}_combine_embs")
+      for j in range(num_blocks[i]):
+        h = res_block(f"down_{i}_res_{j}", widths[i], h)
+        h = attn_block(f"down_{i}_attn_{j}", i, h)
+      skips.append(h)
+    # The lowest D block's output is the lowest U block's input already; a
+    # skip there would concatenate a tensor with itself.
+    skips.pop()
+    for i in reversed(range(levels)):
+      # U block: scaled skip in, convolutions, then upsample after them.
+      if i < levels - 1:
+        h = jnp.concatenate([h, skips.pop() * skip_scale], axis=-1)
+      h = layers.film(h, emb, DTYPES[self.dtype], f"up_{i}_combine_embs")
+      for j in range(num_blocks[i]):
+        h = res_block(f"up_{i}_res_{j}", widths[i], h)
+        h = attn_block(f"up_{i}_attn_{j}", i, h)
+      h = layers.Upsample(widths[i - 1] if i > 0 else widths[0],
+                          DTYPES[self.dtype], name=f"up_{i}_resample")(h)
+    return h
