@@ -66,12 +66,45 @@ def conv(features: int, dtype: Dtype, *, kernel: int = 3, strides: int = 1,
                  bias_init=partitioned(ZEROS, ("conv_out",)), name=name)
 
 
-def group_norm(num_groups: int, dtype: Dtype, name=None) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """GroupNorm over ``[B, H, W, C]`` with float32 statistics.
+
+  Statistics are reduced in two stages, per channel over H x W and then per
+  group over its channels, and the normalisation is folded into one
+  per-channel scale and shift. This is the same math as flax's GroupNorm, but
+  its backward pass is ~2x faster on XLA:CPU, where reductions that keep the
+  group axis in the middle are slow.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    groups = self.num_groups
+    if c % groups:
+      raise ValueError(f"GroupNorm: {c} channels are not divisible into "
+                       f"{groups} groups; set num_groups to a divisor of {c}.")
+    scale = self.param("scale", partitioned(ONES, ("norm",)), (c,))
+    bias = self.param("bias", partitioned(ZEROS, ("norm",)), (c,))
+    xf = x.reshape(b, h * w, c).astype(jnp.float32)
+    count = h * w * (c // groups)
+    mean = jnp.sum(xf, axis=1).reshape(b, groups, -1).sum(-1) / count  # [B, G]
+    mean_sq = jnp.sum(jnp.square(xf), axis=1).reshape(b, groups, -1).sum(-1) / count
+    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+                        + self.epsilon)
+    inv = jnp.repeat(inv, c // groups, axis=1)    # [B, C]
+    mean = jnp.repeat(mean, c // groups, axis=1)  # [B, C]
+    a = inv * scale
+    shift = bias - mean * a
+    y = x.astype(jnp.float32) * a[:, None, None, :] + shift[:, None, None, :]
+    return y.astype(self.dtype)
+
+
+def group_norm(num_groups: int, dtype: Dtype, name=None) -> GroupNorm:
   """GroupNorm whose statistics are reduced in float32 whatever the dtype."""
-  return nn.GroupNorm(num_groups=num_groups, dtype=dtype,
-                      param_dtype=jnp.float32, epsilon=1e-5,
-                      scale_init=partitioned(ONES, ("norm",)),
-                      bias_init=partitioned(ZEROS, ("norm",)), name=name)
+  return GroupNorm(num_groups=num_groups, dtype=dtype, name=name)
 
 
 def layer_norm(dtype: Dtype, name=None) -> nn.LayerNorm:
@@ -195,15 +228,18 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     ``[B, T, N, H]`` in the dtype of ``v``.
   """
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k,
-                      preferred_element_type=jnp.float32) * scale
+  # Heads-major layout for the two batched matmuls: with the batch dims
+  # leading, XLA:CPU runs them ~5x faster than the [B, T, N, H] einsum.
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, N, T|S, H]
+  logits = jnp.einsum("bnth,bnsh->bnts", q * jnp.asarray(scale, q.dtype), k,
+                      preferred_element_type=jnp.float32)
   if mask is not None:
     # finfo.min, not -inf: a fully masked row then degrades to uniform weights
     # instead of NaN (callers always add an attendable null token anyway).
     logits = jnp.where(mask[:, None, None, :], logits,
                        jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", weights, v)
+  return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", weights, v), 1, 2)
 
 
 class Attention(nn.Module):

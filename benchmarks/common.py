@@ -1,0 +1,81 @@
+"""Shared helpers for benchmark scripts: timing, matmul peak, tables."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def block(x):
+  """Waits for every array in a pytree."""
+  return jax.block_until_ready(x)
+
+
+def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1
+              ) -> float:
+  """Median wall seconds of ``fn()`` (which must block) over ``repeats``."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak_flops(sizes: Sequence[int] = (1024, 2048, 3072),
+                      repeats: int = 5) -> float:
+  """This machine's measured float32 matmul FLOP/s (best over sizes)."""
+  best = 0.0
+  for n in sizes:
+    a = jnp.ones((n, n), jnp.float32)
+    b = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    block(f(a, b))
+    secs = time_call(lambda: block(f(a, b)), repeats=repeats)
+    best = max(best, 2.0 * n**3 / secs)
+  return best
+
+
+def machine_line() -> str:
+  """One line naming the date, CPU/accelerator and core count."""
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return (f"{datetime.date.today().isoformat()} | {dev.platform} "
+          f"({dev.device_kind}) | {cpu} | {os.cpu_count()} cores | "
+          f"jax {jax.__version__}")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+  """Prints a Markdown table (pastes straight into RESULTS.md)."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  cells = [[fmt(v) for v in row] for row in rows]
+  widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+  print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in cells:
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")

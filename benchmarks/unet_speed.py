@@ -1,0 +1,199 @@
+"""U-Net training-step speed: ours (JAX) vs imagen-pytorch, same size, same machine.
+
+  python benchmarks/unet_speed.py [--batch=8] [--configs=tiny,cpu] [--no-torch]
+
+For each config: forward+backward time of one denoising-loss step at batch 8,
+its FLOPs (XLA cost analysis of the compiled step), the FLOP/s reached as a
+fraction of this machine's measured float32 matmul FLOP/s (same run), the
+compiled memory estimate and the peak RSS of the measuring process. Then the
+same U-Net shape built with imagen-pytorch's ``Unet`` (params printed side by
+side) timed on the same forward+backward, and the throughput ratio.
+
+Each framework runs in its own subprocess so thread pools and peak RSS do not
+mix. imagen-pytorch needs torch + torchvision, kept out of the test extras:
+build the benchmark environment with ``benchmarks/setup_bench_env.sh``.
+
+Targets: the cpu config reaches >= 50% of matmul FLOP/s; >= 1.3x the
+throughput of the same-size imagen-pytorch U-Net.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import common
+
+STAGE = "base64"
+
+
+def _jax_worker(variant: str, batch: int, text_len: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from imagen_jax import build, diffusion
+  from tests import helpers
+
+  config = helpers.load_config(STAGE, variant)
+  module, params, inputs = helpers.init_unet(STAGE, batch=batch,
+                                             text_len=text_len, variant=variant)
+  inputs = helpers.random_inputs(inputs)
+  schedule = diffusion.get_logsnr_schedule("cosine")
+
+  def loss_fn(p, rng):
+    def model_fn(z, logsnr):
+      return module.apply({"params": p}, z, logsnr, inputs["text"],
+                          inputs["text_mask"])
+    loss, _ = diffusion.diffusion_loss(model_fn, inputs["x"], rng,
+                                       schedule=schedule)
+    return loss.mean()
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  compiled = step.lower(params, jax.random.PRNGKey(0)).compile()
+  flops = float(compiled.cost_analysis()["flops"])
+  mem = compiled.memory_analysis()
+  mem_bytes = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+               + mem.output_size_in_bytes) if mem is not None else 0
+  secs = common.time_call(
+      lambda: common.block(compiled(params, jax.random.PRNGKey(1))), repeats=5)
+  return dict(params=build.count_params(params), secs=secs, flops=flops,
+              compiled_mem=mem_bytes, peak=common.matmul_peak_flops(),
+              res=int(config.resolution))
+
+
+def _torch_worker(variant: str, batch: int, text_len: int) -> dict:
+  import importlib.util
+  import math
+  import time
+  import types
+
+  import torch
+  import transformers
+  from tests import helpers
+
+  config = helpers.load_config(STAGE, variant)
+  m = config.model
+  # imagen-pytorch asks the model hub for its default T5's config at import;
+  # register a local one first (the hub is unreachable here).
+  spec = importlib.util.find_spec("imagen_pytorch")
+  stub = types.ModuleType("imagen_pytorch")
+  stub.__path__ = list(spec.submodule_search_locations)
+  sys.modules["imagen_pytorch"] = stub
+  import imagen_pytorch.t5 as ip_t5
+  ip_t5.T5_CONFIGS[ip_t5.DEFAULT_T5_NAME] = dict(
+      config=transformers.T5Config(d_model=int(m.text_dim)))
+  del sys.modules["imagen_pytorch"]
+  from imagen_pytorch import Unet
+
+  torch.set_num_threads(os.cpu_count())
+  levels = len(m.channel_mult)
+  unet = Unet(
+      dim=int(m.base_channels), dim_mults=tuple(m.channel_mult),
+      num_resnet_blocks=tuple(m.num_res_blocks),
+      layer_attns=tuple(m.self_attn), layer_cross_attns=tuple(m.cross_attn),
+      attn_dim_head=int(m.head_dim), attn_heads=max(int(m.cond_dim) // int(m.head_dim), 2),
+      text_embed_dim=int(m.text_dim), cond_dim=int(m.cond_dim),
+      channels=3, memory_efficient=False,
+      init_conv_to_final_conv_residual=False, lowres_cond=False,
+  )
+  n_params = sum(p.numel() for p in unet.parameters())
+  res = int(config.resolution)
+  x = torch.randn(batch, 3, res, res)
+  text = torch.randn(batch, text_len, int(m.text_dim))
+  mask = torch.ones(batch, text_len, dtype=torch.bool)
+  opt_params = list(unet.parameters())
+
+  def step():
+    t = torch.rand(batch)
+    noise = torch.randn_like(x)
+    # cosine log-SNR as in ours; imagen-pytorch takes noise times in [0, 1].
+    logsnr = -torch.log(torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** -2 - 1)
+    alpha = torch.sigmoid(logsnr).sqrt()[:, None, None, None]
+    sigma = torch.sigmoid(-logsnr).sqrt()[:, None, None, None]
+    z = alpha * x + sigma * noise
+    out = unet(z, t, text_embeds=text, text_mask=mask)
+    loss = ((out - noise) ** 2).mean()
+    for p in opt_params:
+      p.grad = None
+    loss.backward()
+
+  from torch.utils.flop_counter import FlopCounterMode
+  with FlopCounterMode(display=False) as counter:
+    step()
+  secs = common.time_call(step, repeats=5)
+  return dict(params=n_params, secs=secs, flops=float(counter.get_total_flops()))
+
+
+def _run_worker(kind: str, variant: str, batch: int, text_len: int,
+                keep_xla_flags: bool = False) -> dict:
+  env = dict(os.environ)
+  if keep_xla_flags:
+    env["IMAGEN_JAX_KEEP_XLA_FLAGS"] = "1"
+  out = subprocess.run(
+      [sys.executable, __file__, "--worker", kind, "--configs", variant,
+       "--batch", str(batch), "--text_len", str(text_len)],
+      capture_output=True, text=True, check=False, env=env)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[7:])
+  raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--text_len", type=int, default=16)
+  parser.add_argument("--configs", default="tiny,cpu")
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--ynn", action="store_true",
+                      help="also time XLA's default YNNPACK fusions")
+  parser.add_argument("--worker", default=None)
+  args = parser.parse_args()
+  if args.worker:
+    fn = _jax_worker if args.worker == "jax" else _torch_worker
+    result = fn(args.configs, args.batch, args.text_len)
+    result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(result))
+    return
+
+  print(common.machine_line())
+  rows = []
+  for variant in args.configs.split(","):
+    ours = _run_worker("jax", variant, args.batch, args.text_len)
+    peak = ours["peak"]
+    flops_s = ours["flops"] / ours["secs"]
+    rows.append([f"imagen_jax {STAGE}:{variant} {ours['res']}px", ours["params"],
+                 ours["secs"] * 1e3, args.batch / ours["secs"],
+                 ours["flops"] / 1e9, flops_s / 1e9, flops_s / peak,
+                 ours["compiled_mem"] / 2**20, ours["rss"] / 2**20, "1.00"])
+    if args.ynn:
+      ynn = _run_worker("jax", variant, args.batch, args.text_len,
+                        keep_xla_flags=True)
+      fs = ynn["flops"] / ynn["secs"]
+      rows.append([f"  same, XLA default (YNNPACK)", ynn["params"],
+                   ynn["secs"] * 1e3, args.batch / ynn["secs"],
+                   ynn["flops"] / 1e9, fs / 1e9, fs / ynn["peak"],
+                   ynn["compiled_mem"] / 2**20, ynn["rss"] / 2**20,
+                   f"{ours['secs'] / ynn['secs']:.2f}"])
+    if not args.no_torch:
+      theirs = _run_worker("torch", variant, args.batch, args.text_len)
+      fs = theirs["flops"] / theirs["secs"]
+      rows.append([f"  imagen-pytorch same config", theirs["params"],
+                   theirs["secs"] * 1e3, args.batch / theirs["secs"],
+                   theirs["flops"] / 1e9, fs / 1e9, fs / peak, "-",
+                   theirs["rss"] / 2**20, f"{ours['secs'] / theirs['secs']:.2f}"])
+  print(f"\nForward+backward of the denoising loss, batch {args.batch}, "
+        f"{args.text_len} text tokens; measured float32 matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s. Last column: our step time / that "
+        "row's step time (below 1: ours is faster).")
+  common.print_table(
+      ["model", "params", "ms/step", "img/s", "GFLOP/step", "GFLOP/s",
+       "of matmul peak", "XLA mem MiB", "peak RSS MiB", "our time / its time"],
+      rows)
+
+
+if __name__ == "__main__":
+  main()
