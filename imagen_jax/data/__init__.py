@@ -1,0 +1,1 @@
+"""Input pipelines: readers, preprocessing and the built-in datasets."""

@@ -1,0 +1,1 @@
+"""Text side: vocabularies, seqio caption Tasks, T5 loading, embedding store."""
