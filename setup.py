@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",   # the digits dataset and its evaluator
     "matplotlib>=3.8",     # sweep plots
     "safetensors>=0.4",    # reading Hugging Face T5 checkpoints
+    "importlib_resources",  # tfds builders (etils.epath) need it at prepare time
+    "array_record>=0.5",    # embedding store shards
 ]
 
 # Reference implementations for parity tests. torch==2.13.0 is the CPU build

@@ -40,6 +40,7 @@ def get_config(arg: str = "paper"):
     m.text_dim = 256
     m.cond_dim = 128
     m.dtype = "float32"
+    config_defaults.use_random_t5(config, "demo", max_length=32)
   elif arg == "tiny":
     config.resolution = 16
     m.base_channels = 16
@@ -52,7 +53,9 @@ def get_config(arg: str = "paper"):
     m.cond_dim = 32
     m.num_groups = 8
     m.dtype = "float32"
+    config_defaults.use_random_t5(config, "tiny", max_length=16)
   elif arg != "paper":
     raise ValueError(f"Unknown variant {arg!r} of base64.py; choose paper, cpu "
                      "or tiny.")
   return config
+

@@ -45,6 +45,7 @@ def get_config(arg: str = "paper"):
     m.cond_dim = 128
     m.num_groups = 8
     m.dtype = "float32"
+    config_defaults.use_random_t5(config, "demo", max_length=32)
   elif arg == "tiny":
     config.resolution = 64
     config.lowres_resolution = 16
@@ -59,7 +60,9 @@ def get_config(arg: str = "paper"):
     m.cond_dim = 32
     m.num_groups = 4
     m.dtype = "float32"
+    config_defaults.use_random_t5(config, "tiny", max_length=16)
   elif arg != "paper":
     raise ValueError(f"Unknown variant {arg!r} of sr1024.py; choose paper, cpu "
                      "or tiny.")
   return config
+

@@ -268,3 +268,39 @@ def check_same_encoder(expected: dict, got: dict, what: str) -> None:
           f"Text encoder mismatch: {what} has {key}={g!r} but the embeddings "
           f"were made with {key}={e!r}; use the same T5 checkpoint, "
           "vocabulary and max length.")
+
+
+def from_config(text, mesh: Optional[Mesh] = None) -> TextEncoder:
+  """Builds the encoder a ``config.text`` section describes.
+
+  Args:
+    text: ConfigDict with t5, source, checkpoint, vocab, max_length, seed,
+      dtype (see ``config_defaults.text_defaults``).
+    mesh: device mesh for the params (default: this process's devices).
+
+  Returns:
+    A ``TextEncoder``.
+  """
+  source = text.source
+  if source == "random":
+    return TextEncoder.random(text.t5, seed=int(text.seed),
+                              vocab_path=text.vocab or "default",
+                              max_length=int(text.max_length),
+                              dtype=text.dtype, mesh=mesh)
+  if not text.checkpoint:
+    raise ValueError(f"config.text.checkpoint is empty but text.source is "
+                     f"{source!r}; set it to the T5 checkpoint directory, or use "
+                     "--config.text.source=random.")
+  if source == "hf":
+    return TextEncoder.from_hf(text.checkpoint, vocab_path=text.vocab or None,
+                               max_length=int(text.max_length), dtype=text.dtype,
+                               mesh=mesh)
+  if source == "t5x":
+    if not text.vocab:
+      raise ValueError("config.text.vocab is empty; set it to T5's "
+                       "sentencepiece .model file (cc_all.32000).")
+    return TextEncoder.from_t5x(text.checkpoint, text.t5, text.vocab,
+                                max_length=int(text.max_length),
+                                dtype=text.dtype, mesh=mesh)
+  raise ValueError(f"Unknown config.text.source {source!r}; choose t5x, hf or "
+                   "random.")
