@@ -63,6 +63,8 @@ def data_defaults() -> ml_collections.ConfigDict:
       num_examples=0,      # built-in datasets: how many to render
       holdout="",          # shapes: attribute combinations held out of train
       store="",            # embedding store dir (default: WORKDIR/embeddings)
+      min_size=0,          # drop images whose shorter side is smaller (0: resolution)
+      flip=False,          # random horizontal flips (off: captions say left/right)
   ))
 
 
@@ -75,10 +77,77 @@ def embed_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def diffusion_defaults() -> ml_collections.ConfigDict:
+  """Diffusion settings of a stage (see ``imagen_jax.stage.Stage``)."""
+  return ml_collections.ConfigDict(dict(
+      schedule="cosine",
+      schedule_shift=1.0,
+      prediction="eps",
+      weighting="none",
+      min_snr_gamma=5.0,
+      cond_drop_prob=0.1,   # the paper's 10% null-text steps
+      aug_schedule="cosine",
+      aug_max=1.0,          # SR: training aug levels ~ U[0, aug_max]
+  ))
+
+
+def optimizer_defaults() -> ml_collections.ConfigDict:
+  """Optimizer and learning-rate schedule."""
+  return ml_collections.ConfigDict(dict(
+      name="adam",          # adafactor | adam | adamw
+      learning_rate=1e-4,
+      warmup_steps=10000,
+      decay="cosine",       # cosine | linear | constant (after warmup)
+      decay_steps=0,        # 0: total_steps - warmup_steps
+      end_lr_factor=0.0,    # final lr = end_lr_factor * learning_rate
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,        # global-norm clip; 0 disables
+      grad_accum=1,         # micro-batches per step (one update per step)
+  ))
+
+
+def sample_defaults() -> ml_collections.ConfigDict:
+  """Sampling settings: periodic samples in training, and the cascade."""
+  return ml_collections.ConfigDict(dict(
+      sampler="ddim",
+      num_steps=50,
+      guidance_scale=5.0,
+      threshold="dynamic",
+      percentile=99.5,
+      aug_level=0.2,        # SR stages: fixed noise-augmentation level
+      eta=0.0,
+  ))
+
+
 def base() -> ml_collections.ConfigDict:
   """Defaults shared by every stage and experiment."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.total_steps = 100000
+  config.batch_size = 64          # global, over all processes
+  config.log_every = 100
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3      # orbax max_to_keep
+  config.keep_period = 0           # also keep every N-th step forever (0: off)
+  config.async_checkpoints = True
+  config.sample_every = 5000       # periodic sample grid (0: off)
+  config.num_samples = 8
+  config.init_from = ""            # params (EMA) of another run to start from
+  config.max_consecutive_skips = 20  # non-finite steps in a row before stopping
+  config.peak_flops = 0.0          # per device, for MFU (0: table / measured)
+  config.loss_buckets = 4          # per-noise-level loss, in t buckets
+  config.prefetch = 2              # host batches prepared ahead
+  config.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1, 1),            # (data, fsdp, tensor); -1 takes the rest
+      dcn_shape=(1, 1, 1),         # multi-slice: slices along each axis
+  ))
+  config.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=True))
+  config.diffusion = diffusion_defaults()
+  config.optimizer = optimizer_defaults()
+  config.sample = sample_defaults()
   # Stage geometry: the image size the stage produces, the size of its
   # low-res input (0 for the base stage) and, for stages trained on crops
   # (Imagen's 1024 stage: 256 crops of the 1024 image), the crop size.

@@ -61,6 +61,7 @@ def run_embed(config, workdir: str, process_index: Optional[int] = None,
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   from imagen_jax import parallel  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import store as store_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import tasks  # pylint: disable=g-import-not-at-top
@@ -100,6 +101,7 @@ def run_embed(config, workdir: str, process_index: Optional[int] = None,
   if start_shard:
     logging.info("resuming after %d finished shards", start_shard)
   records: list[bytes] = []
+  sides: list[int] = []
   k = start_shard
   pending: list[dict] = []
   d_model = encoder.d_model
@@ -116,6 +118,7 @@ def run_embed(config, workdir: str, process_index: Optional[int] = None,
           ex["id"].decode("utf-8", "replace"),
           ex["caption"].decode("utf-8", "replace"), ex["image"], emb[i, :n],
           int(ex["untrimmed_length"])))
+      sides.append(min(preprocess.image_size(ex["image"])))
     bar.update(len(batch))
 
   for ex in ds.as_numpy_iterator():
@@ -124,13 +127,13 @@ def run_embed(config, workdir: str, process_index: Optional[int] = None,
       flush_batch(pending)
       pending = []
     if len(records) == shard_size:
-      writer.write_shard(k, records)
+      writer.write_shard(k, records, sides)
       k += 1
-      records = []
+      records, sides = [], []
   if pending:
     flush_batch(pending)
   if records:
-    writer.write_shard(k, records)
+    writer.write_shard(k, records, sides)
   bar.close()
   writer.mark_done(writer.shard_stats(max_length))
   if pi == 0:

@@ -16,6 +16,7 @@ serves every model size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Optional, Sequence
 
@@ -151,6 +152,14 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh,
       lambda spec, x: NamedSharding(mesh, _fit_spec(x.shape, spec, mesh)),
       mesh_specs, shapes,
       is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh,
+                     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+  """Mesh + logical-axis rules in scope, so activation constraints apply."""
+  with mesh, nn.logical_axis_rules(rules):
+    yield
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

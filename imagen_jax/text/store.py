@@ -3,6 +3,9 @@
 Layout of a store directory::
 
   shards/PPP-KKKKK.array_record   records of process PPP's K-th shard
+  shards/PPP-KKKKK.sides.npy      shorter image side of each record (0: no or
+                                  broken image), for size filtering at train time
+  sides.npy                       all of them, in global index order
   done-PPP.json                   process PPP finished: its shard and example counts
   index.json                      shard files in global order with record counts
   manifest.json                   totals, truncation counts, the text encoder spec
@@ -81,9 +84,15 @@ class StoreWriter:
       k += 1
     return k
 
-  def write_shard(self, k: int, records: Sequence[bytes]) -> None:
-    """Writes shard ``k`` atomically (temporary name, then rename)."""
+  def write_shard(self, k: int, records: Sequence[bytes],
+                  sides: Sequence[int]) -> None:
+    """Writes shard ``k`` atomically (temporary name, then rename).
+
+    The sides file goes first: a shard file exists only with its sides.
+    """
     final = os.path.join(self.path, shard_name(self.process_index, k))
+    np.save(final[:-len(".array_record")] + ".sides.npy",
+            np.asarray(sides, np.uint32))
     tmp = final[:-len(".array_record")] + ".tmp"
     writer = _ar().ArrayRecordWriter(tmp, "group_size:1")
     for rec in records:
@@ -144,19 +153,26 @@ def finalize(path: str, num_processes: int, *, text_encoder: dict,
   for f in done_files:
     with open(f) as fh:
       dones.append(json.load(fh))
-  shards = []
+  shards, sides = [], []
   for p, done in enumerate(dones):
     for k in range(done["shards"]):
       reader = _ar().ArrayRecordReader(os.path.join(path, shard_name(p, k)))
       shards.append({"file": shard_name(p, k), "count": int(reader.num_records())})
       reader.close()
+      sides.append(np.load(os.path.join(
+          path, shard_name(p, k)[:-len(".array_record")] + ".sides.npy")))
   total = sum(s["count"] for s in shards)
+  sides_all = np.concatenate(sides) if sides else np.zeros((0,), np.uint32)
+  with open(os.path.join(path, "sides.npy.tmp"), "wb") as f:
+    np.save(f, sides_all)
+  os.replace(os.path.join(path, "sides.npy.tmp"), os.path.join(path, "sides.npy"))
   index = {"format": FORMAT, "d_model": int(d_model),
            "max_length": int(max_length), "total": total, "shards": shards}
   manifest = {
       "format": FORMAT, "total": total, "task": task,
       "truncated": sum(d.get("truncated", 0) for d in dones),
       "empty_captions": sum(d.get("empty", 0) for d in dones),
+      "without_image": int((sides_all == 0).sum()),
       "processes": num_processes, "text_encoder": text_encoder,
       "d_model": int(d_model), "max_length": int(max_length),
       "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -200,6 +216,7 @@ class EmbeddingStore:
     counts = np.array([s["count"] for s in self.index["shards"]], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(counts)])
     self._readers: dict[int, object] = {}
+    self.sides = np.load(os.path.join(path, "sides.npy"))
 
   def __len__(self) -> int:
     return int(self._starts[-1])

@@ -1,0 +1,258 @@
+"""One diffusion stage: a U-Net bound to the diffusion math (loss, sample).
+
+As t5x's ``EncoderDecoderModel`` owns the loss and decoding of a
+``network.Transformer``, a ``Stage`` owns the training loss and the sampling
+loop of a ``UNet``: classifier-free-guidance text dropout, noise conditioning
+augmentation of the low-res input (SR stages), aligned random crops (stages
+trained on crops), and guided, thresholded sampling.
+
+Batches reaching ``loss`` (all batch-major, ``B`` examples):
+
+  image      uint8 ``[B, H, W, C]`` (or float in [-1, 1])
+  text       ``[B, L, D]`` T5 embeddings (zeros past each caption's length)
+  text_mask  bool ``[B, L]``
+  lowres     SR stages: uint8 ``[B, h, w, C]``, the image downsampled by the
+             stage factor (before augmentation)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from imagen_jax import build
+from imagen_jax import diffusion
+from imagen_jax.models.unet import UNet
+
+
+def to_float_image(x: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [-1, 1]; floats pass through as float32."""
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return x.astype(jnp.float32) / 127.5 - 1.0
+  return x.astype(jnp.float32)
+
+
+def to_uint8_image(x: jax.Array) -> jax.Array:
+  """float [-1, 1] -> uint8 [0, 255] (rounded, clipped)."""
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def random_aligned_crop(image: jax.Array, lowres: Optional[jax.Array],
+                        crop: int, rng: jax.Array):
+  """Random ``crop`` x ``crop`` crops of ``image``, with the matching low-res crop.
+
+  The low-res crop covers exactly the same region: its offset and size are
+  the high-res ones divided by the stage factor, so offsets are drawn on the
+  low-res grid. Each example gets its own offset.
+
+  Args:
+    image: ``[B, H, W, C]``.
+    lowres: ``[B, H / f, W / f, C]`` or None.
+    crop: crop size at image resolution (divisible by f).
+    rng: PRNG key.
+
+  Returns:
+    (image crops ``[B, crop, crop, C]``, low-res crops or None).
+  """
+  b, h, w, _ = image.shape
+  f = 1 if lowres is None else h // lowres.shape[1]
+  lc = crop // f
+  ky, kx = jax.random.split(rng)
+  oy = jax.random.randint(ky, (b,), 0, h // f - lc + 1)
+  ox = jax.random.randint(kx, (b,), 0, w // f - lc + 1)
+
+  def one(img, y, x, size, scale):
+    return jax.lax.dynamic_slice(img, (y * scale, x * scale, 0),
+                                 (size, size, img.shape[-1]))
+
+  hi = jax.vmap(lambda i, y, x: one(i, y, x, crop, f))(image, oy, ox)
+  lo = None if lowres is None else jax.vmap(
+      lambda i, y, x: one(i, y, x, lc, 1))(lowres, oy, ox)
+  return hi, lo
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A U-Net and the diffusion settings of one cascade stage.
+
+  Attributes:
+    unet: the network.
+    resolution: output resolution at sampling time.
+    lowres_resolution: resolution of the low-res input (0 for the base stage).
+    train_crop: crop size used in training (0: whole images).
+    schedule: log-SNR schedule name; schedule_shift its resolution shift.
+    prediction: "eps" (paper), "x0" or "v".
+    weighting: loss weighting ("none", "min_snr", "v").
+    min_snr_gamma: gamma of min-SNR weighting.
+    cond_drop_prob: fraction of examples trained on the null text.
+    aug_schedule: schedule interpreting noise-augmentation levels.
+    aug_max: training aug levels are drawn from U[0, aug_max].
+  """
+  unet: UNet
+  resolution: int
+  lowres_resolution: int = 0
+  train_crop: int = 0
+  schedule: str = "cosine"
+  schedule_shift: float = 1.0
+  prediction: str = "eps"
+  weighting: str = "none"
+  min_snr_gamma: float = 5.0
+  cond_drop_prob: float = 0.1
+  aug_schedule: str = "cosine"
+  aug_max: float = 1.0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Stage":
+    """Builds the stage a full experiment config describes."""
+    d = config.diffusion
+    return cls(
+        unet=build.build_unet(config.model),
+        resolution=int(config.resolution),
+        lowres_resolution=int(config.lowres_resolution),
+        train_crop=int(config.train_crop),
+        schedule=str(d.schedule), schedule_shift=float(d.schedule_shift),
+        prediction=str(d.prediction), weighting=str(d.weighting),
+        min_snr_gamma=float(d.min_snr_gamma),
+        cond_drop_prob=float(d.cond_drop_prob),
+        aug_schedule=str(d.aug_schedule), aug_max=float(d.aug_max))
+
+  @property
+  def is_sr(self) -> bool:
+    return self.lowres_resolution > 0
+
+  def logsnr_schedule(self):
+    return diffusion.get_logsnr_schedule(self.schedule,
+                                         shift=self.schedule_shift)
+
+  def aug_logsnr_schedule(self):
+    return diffusion.get_logsnr_schedule(self.aug_schedule)
+
+  # --- training -------------------------------------------------------------------
+
+  def loss(self, params: Any, batch: dict, rng: jax.Array, *,
+           train: bool = True) -> tuple[jax.Array, dict]:
+    """Mean denoising loss of a batch and per-example diagnostics.
+
+    Args:
+      params: U-Net params.
+      batch: see module docstring.
+      rng: PRNG key of this step (crop, text dropout, aug level, t, noise,
+        dropout are all derived from it).
+      train: enables network dropout.
+
+    Returns:
+      (scalar loss, aux) with aux ``loss`` ``[B]``, ``t`` ``[B]``.
+    """
+    crop_rng, drop_rng, aug_rng, diff_rng, dropout_rng = jax.random.split(rng, 5)
+    image = to_float_image(batch["image"])
+    lowres = batch.get("lowres")
+    if self.is_sr and lowres is None:
+      raise ValueError("SR stage batch has no 'lowres' images.")
+    if self.train_crop and image.shape[1] > self.train_crop:
+      image, lowres = random_aligned_crop(image, lowres, self.train_crop,
+                                          crop_rng)
+    b = image.shape[0]
+    text, mask = batch["text"], batch["text_mask"].astype(bool)
+    # Classifier-free guidance: the null text is the zeroed, fully masked
+    # embedding, exactly what sampling uses as the unconditional input.
+    keep = jax.random.uniform(drop_rng, (b,)) >= self.cond_drop_prob
+    text = jnp.where(keep[:, None, None], text, 0).astype(text.dtype)
+    mask = mask & keep[:, None]
+    extra = {}
+    if self.is_sr:
+      level_rng, noise_rng = jax.random.split(aug_rng)
+      level = jax.random.uniform(level_rng, (b,), maxval=self.aug_max)
+      low, aug_logsnr = diffusion.augment_lowres(
+          to_float_image(lowres), level, noise_rng,
+          schedule=self.aug_logsnr_schedule())
+      extra = dict(lowres=low, aug_logsnr=aug_logsnr)
+
+    def model_fn(z, logsnr):
+      return self.unet.apply({"params": params}, z, logsnr, text, mask,
+                             train=train, rngs={"dropout": dropout_rng},
+                             **extra)
+
+    per_example, aux = diffusion.diffusion_loss(
+        model_fn, image, diff_rng, schedule=self.logsnr_schedule(),
+        prediction=self.prediction, weighting=self.weighting,
+        min_snr_gamma=self.min_snr_gamma)
+    return per_example.mean(), {"loss": per_example, "t": aux["t"]}
+
+  # --- sampling -------------------------------------------------------------------
+
+  def sample(self, params: Any, text: jax.Array, text_mask: jax.Array,
+             rng: jax.Array, *, sampler: str = "ddim", num_steps: int = 50,
+             guidance_scale: float = 1.0, threshold: str = "dynamic",
+             percentile: float = 99.5, lowres: Optional[jax.Array] = None,
+             aug_level: float = 0.2, negative_text: Optional[jax.Array] = None,
+             negative_mask: Optional[jax.Array] = None,
+             resolution: Optional[int] = None, eta: float = 0.0,
+             init_image: Optional[jax.Array] = None,
+             start_logsnr: Optional[float] = None,
+             progress_fn=None) -> jax.Array:
+    """Samples images for a batch of text embeddings (jit this).
+
+    Args:
+      params: U-Net params (EMA params in practice).
+      text: ``[B, L, D]`` embeddings; text_mask ``[B, L]``.
+      rng: PRNG key.
+      sampler, num_steps, eta: see ``diffusion.sample``.
+      guidance_scale: classifier-free guidance weight (1 = none; then the
+        network runs once per step on B examples instead of 2B).
+      threshold, percentile: x0 thresholding ("dynamic" with the paper's 99.5).
+      lowres: SR stages: the low-res images (uint8 or [-1, 1] floats).
+      aug_level: SR stages: noise-augmentation level of the low-res input.
+      negative_text, negative_mask: guidance away from this text instead of
+        the null text.
+      resolution: output size (default: the stage's).
+      init_image, start_logsnr: start from a noised image instead of noise.
+      progress_fn: host callback with the step index.
+
+    Returns:
+      Images ``[B, R, R, C]`` float32 in [-1, 1].
+    """
+    b = text.shape[0]
+    res = resolution or self.resolution
+    channels = self.unet.in_channels
+    mask = text_mask.astype(bool)
+    extra = {}
+    if self.is_sr:
+      if lowres is None:
+        raise ValueError("This is a super-resolution stage: pass the low-res "
+                         "images to sample from.")
+      aug_rng, rng = jax.random.split(rng)
+      low, aug_logsnr = diffusion.augment_lowres(
+          to_float_image(lowres), aug_level, aug_rng,
+          schedule=self.aug_logsnr_schedule())
+      extra = dict(lowres=low, aug_logsnr=aug_logsnr)
+
+    def model_fn(z, logsnr, cond):
+      n = z.shape[0]
+      kw = {k: (v if v.shape[0] == n else jnp.concatenate([v] * (n // v.shape[0])))
+            for k, v in extra.items()}
+      return self.unet.apply({"params": params}, z, logsnr, cond[0], cond[1], **kw)
+
+    if guidance_scale == 1.0 and negative_text is None:
+      denoise = diffusion.make_denoiser(model_fn, cond=(text, mask),
+                                        prediction=self.prediction,
+                                        threshold=threshold,
+                                        percentile=percentile)
+    else:
+      if negative_text is None:
+        uncond = (jnp.zeros_like(text), jnp.zeros_like(mask))
+      else:
+        uncond = (negative_text.astype(text.dtype), negative_mask.astype(bool))
+      denoise = diffusion.make_guided_denoiser(
+          model_fn, cond=(text, mask), uncond=uncond,
+          guidance_scale=guidance_scale, prediction=self.prediction,
+          threshold=threshold, percentile=percentile)
+    init_x = None if init_image is None else to_float_image(init_image)
+    return diffusion.sample(
+        denoise, shape=(b, res, res, channels), rng=rng,
+        schedule=self.logsnr_schedule(), sampler=sampler, num_steps=num_steps,
+        eta=eta, init_x=init_x, start_logsnr=start_logsnr,
+        progress_fn=progress_fn)

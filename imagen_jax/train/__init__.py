@@ -1,0 +1,1 @@
+"""Training: state + EMA, optimizers, the jitted step, checkpoints, the loop."""

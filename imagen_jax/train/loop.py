@@ -1,0 +1,339 @@
+"""The training loop of one stage: setup, resume, steps, logging, checkpoints.
+
+``train(config, workdir)`` is what ``imagen-train`` runs. It resumes from the
+latest committed checkpoint in ``workdir``; otherwise starts from
+``config.init_from`` (another run's EMA params, or an export); otherwise from
+scratch. SIGTERM (preemption) saves the current step, waits for the save and
+exits with ``PREEMPTED_EXIT_CODE``; a restart continues with no step lost and
+repeats the uninterrupted run exactly (same losses, bitwise-equal params).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from imagen_jax import build
+from imagen_jax import parallel
+from imagen_jax.data import pipeline
+from imagen_jax.data import sources
+from imagen_jax.stage import Stage, to_uint8_image
+from imagen_jax.train import checkpoint as ckpt_lib
+from imagen_jax.train import metrics as metrics_lib
+from imagen_jax.train import optim
+from imagen_jax.train import state as state_lib
+from imagen_jax.train.step import make_train_step
+
+PREEMPTED_EXIT_CODE = 75    # EX_TEMPFAIL: saved on SIGTERM, restart to continue
+NONFINITE_EXIT_CODE = 3     # too many non-finite steps in a row
+USAGE_EXIT_CODE = 2         # bad config / flags
+
+# Config fields that fix the shapes of a run's params: a workdir refuses a
+# config that changes them.
+SHAPE_KEYS = ("model", "resolution", "lowres_resolution")
+
+
+class ConfigError(ValueError):
+  """A user error in the config or flags (reported in one line, exit code 2)."""
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced too many non-finite steps in a row."""
+
+
+class Preempted(Exception):
+  """SIGTERM received; the state was saved."""
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple:
+  """Checks the config against itself and the devices; returns the mesh shape."""
+  try:
+    mesh_shape = parallel.resolve_mesh_shape(config.mesh.shape, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  data_par = mesh_shape[0] * mesh_shape[1]
+  accum = int(config.optimizer.grad_accum)
+  if int(config.batch_size) % (data_par * accum):
+    raise ConfigError(
+        f"batch_size {config.batch_size} is not divisible by the {data_par} "
+        f"data-parallel devices (mesh {mesh_shape}) x grad_accum {accum}; "
+        f"use a multiple of {data_par * accum}.")
+  if int(config.batch_size) % jax.process_count():
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by "
+                      f"the {jax.process_count()} processes.")
+  if config.lowres_resolution and int(config.resolution) % int(config.lowres_resolution):
+    raise ConfigError(f"resolution {config.resolution} is not a multiple of "
+                      f"lowres_resolution {config.lowres_resolution}.")
+  if bool(config.lowres_resolution) != bool(config.model.lowres_cond):
+    raise ConfigError("lowres_resolution and model.lowres_cond disagree: an SR "
+                      "stage needs both, a base stage neither.")
+  return mesh_shape
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def check_workdir_config(workdir: str, config) -> None:
+  """Writes config.json, or refuses a config whose param shapes differ."""
+  path = os.path.join(workdir, "config.json")
+  new = _config_json(config)
+  if os.path.isfile(path):
+    with open(path) as f:
+      old = json.load(f)
+    for key in SHAPE_KEYS:
+      if old.get(key) != new.get(key):
+        raise ConfigError(
+            f"{workdir} holds a run with a different {key} "
+            f"({json.dumps(old.get(key))[:120]}...); use a new --workdir or "
+            f"the original config.")
+    old_text, new_text = old.get("text", {}), new.get("text", {})
+    for key in ("t5", "source", "checkpoint", "vocab", "max_length", "seed"):
+      if old_text.get(key) != new_text.get(key):
+        raise ConfigError(f"{workdir} was trained with text.{key}="
+                          f"{old_text.get(key)!r}, the config says "
+                          f"{new_text.get(key)!r}; use a new --workdir.")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _global_batch(local: dict, mesh) -> dict:
+  return {k: jax.make_array_from_process_local_data(
+      parallel.batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.raised = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _text_encoder_spec(config, source) -> Optional[dict]:
+  store = getattr(source, "store", None)
+  if store is not None:
+    return store.text_encoder
+  return getattr(source, "text_encoder_spec", None)
+
+
+def _write_json(path: str, data) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def save_grid(images: np.ndarray, path: str, ncol: int = 0) -> None:
+  """Writes uint8 ``[N, H, W, C]`` images as one PNG grid."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  n, h, w, c = images.shape
+  ncol = ncol or int(np.ceil(np.sqrt(n)))
+  nrow = int(np.ceil(n / ncol))
+  grid = np.zeros((nrow * (h + 2) + 2, ncol * (w + 2) + 2, c), np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    grid[2 + r * (h + 2):2 + r * (h + 2) + h,
+         2 + col * (w + 2):2 + col * (w + 2) + w] = images[i]
+  Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          progress: bool = True, stop_at: Optional[int] = None) -> dict:
+  """Trains one stage; returns a summary (final step, last metrics).
+
+  Args:
+    config: full experiment config.
+    workdir: run directory (checkpoints, config.json, TensorBoard, samples).
+    progress: print progress lines.
+    stop_at: stop (after a checkpoint) once this step is reached, before
+      total_steps; for tests and staged runs.
+
+  Returns:
+    {"step": last step, "metrics": last logged metrics, "losses": per-step
+    losses of this invocation}.
+
+  Raises:
+    ConfigError: bad config (caller reports it in one line, exit code 2).
+    NonFiniteError: too many non-finite steps in a row.
+    Preempted: SIGTERM arrived; the state was saved.
+  """
+  mesh_shape = validate(config, jax.device_count())
+  mesh = parallel.make_mesh(mesh_shape, dcn_shape=tuple(config.mesh.dcn_shape)
+                            if int(np.prod(config.mesh.dcn_shape)) > 1 else None)
+  check_workdir_config(workdir, config)
+  stage = Stage.from_config(config)
+  total = int(config.total_steps)
+  tx, lr_schedule = optim.make_optimizer(config.optimizer, total)
+  inputs = build.unet_inputs(config, 1, 4)
+  abstract, shardings = state_lib.state_shardings(stage.unet, inputs, tx, mesh)
+
+  encode_fn = None
+  spec = None
+  if config.data.source == "synthetic":
+    from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+    enc = encoder_lib.from_config(config.text)
+    encode_fn, spec = enc.encode, enc.spec
+  source = sources.make_source(config, workdir, encode_fn,
+                               jax.process_index(), jax.process_count())
+  if spec is None:
+    spec = _text_encoder_spec(config, source)
+    if int(spec["config"]["d_model"]) != int(config.model.text_dim):
+      raise ConfigError(f"model.text_dim {config.model.text_dim} does not match "
+                        f"the store's T5 width {spec['config']['d_model']}; set "
+                        "model.text_dim to it.")
+  _write_json(os.path.join(workdir, "text_encoder.json"), spec)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(config.keep_checkpoints),
+                               keep_period=int(config.keep_period),
+                               async_save=bool(config.async_checkpoints))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, abstract, shardings)
+    position = int(meta["data_position"])
+    logging.info("resumed from step %d", latest)
+  else:
+    state = state_lib.init_state(stage.unet, config, tx, mesh, shardings,
+                                 jax.random.PRNGKey(int(config.seed)))
+    position = 0
+    if config.init_from:
+      params = ckpt_lib.restore_params(config.init_from, abstract.params,
+                                       shardings.params)
+      state = state.replace(params=params, ema_params=jax.tree_util.tree_map(
+          jnp.copy, params))
+      logging.info("initialised params from %s", config.init_from)
+  start_step = int(jax.device_get(state.step))
+
+  step_fn = make_train_step(stage, tx, lr_schedule, config, mesh, shardings)
+  writer = metrics_lib.create_writer(workdir)
+  prefetch = pipeline.Prefetcher(source.local_batch, position,
+                                 depth=int(config.prefetch))
+  peak, peak_src = metrics_lib.peak_flops_per_device(float(config.peak_flops))
+  flops = 0.0
+  throughput = None
+  history: list = []
+  losses: list = []
+  last_metrics: dict = {}
+  stop = min(total, stop_at) if stop_at else total
+  eval_batch = None
+  t_start = time.perf_counter()
+  if progress and jax.process_index() == 0:
+    print(f"training {workdir}: step {start_step} -> {stop} of {total}, "
+          f"batch {config.batch_size}, mesh {dict(mesh.shape)}, "
+          f"{build.count_params(state.params) / 1e6:.2f}M params", flush=True)
+
+  def save(step: int, reason: str):
+    if not bool(jax.device_get(state_lib.is_finite_tree(state.params))):
+      raise NonFiniteError(f"Refusing to checkpoint a non-finite state at "
+                           f"step {step}.")
+    ckpt.save(step, state, {"data_position": position, "step": step,
+                            "batch_size": int(config.batch_size),
+                            "reason": reason})
+
+  try:
+    with _SigtermFlag() as sigterm:
+      step = start_step
+      while step < stop:
+        batch = _global_batch(prefetch.get(position), mesh)
+        if flops == 0.0 and step == start_step:
+          flops = metrics_lib.step_flops(step_fn.compiled(state, batch))
+          throughput = metrics_lib.Throughput(int(config.batch_size), flops, peak)
+        state, m = step_fn(state, batch)
+        step += 1
+        position += 1
+        history.append(m)
+        losses.append(m["loss"])
+        throughput.add()
+        if int(jax.device_get(state.skipped)) >= int(config.max_consecutive_skips):
+          raise NonFiniteError(
+              f"{int(jax.device_get(state.skipped))} consecutive steps had a "
+              f"non-finite loss or gradient (step {step}); lower the learning "
+              "rate or check the data. The last checkpoint is intact.")
+        if step % int(config.log_every) == 0 or step == stop:
+          last_metrics = metrics_lib.reduce_metrics(history,
+                                                    int(config.loss_buckets))
+          last_metrics.update(throughput.summary())
+          last_metrics.update(metrics_lib.memory_stats())
+          last_metrics["total_skipped_steps"] = float(
+              jax.device_get(state.total_skipped))
+          writer.write_scalars(step, last_metrics)
+          if progress and jax.process_index() == 0:
+            rate = last_metrics.get("steps_per_sec", 0)
+            eta = (stop - step) / rate if rate else None
+            print(metrics_lib.format_line(step, total, last_metrics, eta),
+                  flush=True)
+          history = []
+          throughput.reset()
+        if int(config.sample_every) and step % int(config.sample_every) == 0:
+          if eval_batch is None:
+            eval_batch = source.local_batch(0)
+          _sample_grid(stage, state, eval_batch, config, workdir, step, writer,
+                       mesh)
+        if sigterm.raised:
+          save(step, "preempted")
+          ckpt.wait()
+          raise Preempted(step)
+        if step % int(config.checkpoint_every) == 0 or step == stop:
+          save(step, "periodic" if step < stop else "final")
+    ckpt.wait()
+  finally:
+    prefetch.close()
+    writer.flush()
+    ckpt.close()
+  if progress and jax.process_index() == 0:
+    print(f"done: step {step}, {time.perf_counter() - t_start:.1f}s", flush=True)
+  return {"step": step, "metrics": last_metrics,
+          "losses": [float(x) for x in jax.device_get(losses)], "state": state}
+
+
+def _sample_grid(stage: Stage, state, batch: dict, config, workdir: str,
+                 step: int, writer, mesh) -> None:
+  """Samples the first examples' captions with the EMA params; PNG + TB."""
+  n = min(int(config.num_samples), batch["text"].shape[0])
+  s = config.sample
+  kw = {}
+  if stage.is_sr:
+    kw["lowres"] = jnp.asarray(batch["lowres"][:n])
+  fn = jax.jit(lambda p, t, m, r, **k: stage.sample(
+      p, t, m, r, sampler=s.sampler, num_steps=int(s.num_steps),
+      guidance_scale=float(s.guidance_scale), threshold=s.threshold,
+      percentile=float(s.percentile), aug_level=float(s.aug_level), **k))
+  with parallel.sharding_context(mesh):
+    images = fn(state.ema_params, jnp.asarray(batch["text"][:n]),
+                jnp.asarray(batch["text_mask"][:n]), jax.random.PRNGKey(step),
+                **kw)
+  images = np.asarray(jax.device_get(to_uint8_image(images)))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+    writer.write_images(step, {"samples": images})

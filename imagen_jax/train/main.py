@@ -1,0 +1,63 @@
+"""`imagen-train`: train one stage.
+
+  imagen-train --config=configs/tiny.py --workdir=/tmp/tiny [--config.x=y ...]
+  python -m imagen_jax.train ...                                  (the same)
+
+Multi-host: on TPU pods and SLURM jax finds its peers itself; elsewhere pass
+--coordinator=host:port --num_processes=N --process_id=i (or set
+IMAGEN_COORDINATOR / IMAGEN_NUM_PROCESSES / IMAGEN_PROCESS_ID).
+
+Exit codes: 0 done; 2 bad flags or config (one line on stderr); 3 too many
+non-finite steps in a row; 75 preempted by SIGTERM after saving (restart to
+continue).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from imagen_jax import cli
+
+PROG = "imagen-train"
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process.")
+_STOP_AT = flags.DEFINE_integer("stop_at", None,
+                                "Stop after a checkpoint at this step.")
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    cli.fail(PROG, f"unexpected arguments {argv[1:]}; everything is a --flag.")
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    cli.fail(PROG, "--config and --workdir are required.")
+  from imagen_jax import parallel  # pylint: disable=g-import-not-at-top
+  from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
+  try:
+    loop.train(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
+  except loop.ConfigError as e:
+    cli.fail(PROG, str(e))
+  except loop.Preempted as e:
+    print(f"{PROG}: preempted at step {e}; state saved, restart to continue.",
+          file=sys.stderr)
+    return loop.PREEMPTED_EXIT_CODE
+  except loop.NonFiniteError as e:
+    cli.fail(PROG, str(e), loop.NONFINITE_EXIT_CODE)
+  return 0
+
+
+def run_main():
+  """Console-script entry point."""
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(PROG))
+
+
+if __name__ == "__main__":
+  run_main()

@@ -1,0 +1,146 @@
+"""Training metrics: throughput, FLOP/s and MFU, memory; TensorBoard + logs."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+# Dense peak FLOP/s per chip for bf16 matmuls (vendor figures).
+PEAK_FLOPS = {
+    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12, "NVIDIA A10": 125e12, "NVIDIA V100": 125e12,
+}
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure came from).
+
+  Order: the config's value; the table above by device kind; on CPU a
+  float32 matmul measured now (shared by all CPU devices of the process).
+  """
+  if configured:
+    return float(configured), "config"
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name) or name in kind:
+      return flops, f"table ({kind})"
+  if jax.devices()[0].platform == "cpu":
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = 0.0
+    for _ in range(3):
+      t = time.perf_counter()
+      f(a).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    # All virtual CPU devices share the host's cores.
+    return best / max(len(jax.local_devices()), 1), "measured (cpu matmul)"
+  return 0.0, f"unknown device kind {kind!r}: set config.peak_flops"
+
+
+def step_flops(compiled) -> float:
+  """FLOPs of one compiled train step (all devices) from XLA cost analysis."""
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get("flops", 0.0))
+  except Exception:  # pylint: disable=broad-except
+    return 0.0
+
+
+def memory_stats() -> dict[str, float]:
+  """Host RSS and, where the backend reports it, device memory in GiB."""
+  out = {}
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+    out["host_rss_gib"] = psutil.Process(os.getpid()).memory_info().rss / 2**30
+  except ImportError:
+    pass
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_in_use" in stats:
+      out["device_mem_gib"] = stats["bytes_in_use"] / 2**30
+    if "peak_bytes_in_use" in stats:
+      out["device_peak_mem_gib"] = stats["peak_bytes_in_use"] / 2**30
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+class Throughput:
+  """Steps/s, images/s, TFLOP/s per device and MFU over a logging window."""
+
+  def __init__(self, global_batch: int, flops_per_step: float, peak: float):
+    self.global_batch = global_batch
+    self.flops_per_step = flops_per_step
+    self.peak = peak
+    self.devices = jax.device_count()
+    self._t = time.perf_counter()
+    self._steps = 0
+
+  def add(self, steps: int = 1) -> None:
+    self._steps += steps
+
+  def reset(self) -> None:
+    self._t = time.perf_counter()
+    self._steps = 0
+
+  def summary(self) -> dict[str, float]:
+    dt = max(time.perf_counter() - self._t, 1e-9)
+    sps = self._steps / dt
+    out = {"steps_per_sec": sps, "images_per_sec": sps * self.global_batch}
+    if self.flops_per_step:
+      per_dev = self.flops_per_step * sps / self.devices
+      out["tflops_per_device"] = per_dev / 1e12
+      if self.peak:
+        out["mfu"] = per_dev / self.peak
+    return out
+
+
+def reduce_metrics(history: list[dict[str, Any]], buckets: int) -> dict[str, float]:
+  """Means of per-step metrics; bucket losses weighted by their counts."""
+  if not history:
+    return {}
+  host = jax.device_get(history)
+  out = {}
+  for key in ("loss", "grad_norm", "learning_rate"):
+    out[key] = float(np.mean([h[key] for h in host]))
+  out["skipped_steps"] = float(np.sum([h["skipped"] for h in host]))
+  for i in range(buckets):
+    counts = np.array([h[f"count_t{i}"] for h in host], np.float64)
+    if counts.sum() > 0:
+      vals = np.array([h[f"loss_t{i}"] for h in host], np.float64)
+      out[f"loss_t{i}"] = float((vals * counts).sum() / counts.sum())
+  return out
+
+
+def create_writer(workdir: str):
+  """clu writer: TensorBoard event files + log lines (process 0 writes files)."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+
+
+def format_line(step: int, total: int, metrics: dict[str, float],
+                eta_s: Optional[float]) -> str:
+  """One progress line: step, loss, rates, ETA."""
+  parts = [f"step {step}/{total}", f"loss {metrics.get('loss', float('nan')):.4f}"]
+  for key, fmt in (("grad_norm", "gnorm {:.3g}"), ("steps_per_sec", "{:.2f} steps/s"),
+                   ("images_per_sec", "{:.1f} img/s"),
+                   ("tflops_per_device", "{:.3g} TFLOP/s/dev"), ("mfu", "MFU {:.1%}")):
+    if key in metrics:
+      parts.append(fmt.format(metrics[key]))
+  if eta_s is not None:
+    parts.append(f"ETA {int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:"
+                 f"{int(eta_s % 60):02d}")
+  return " | ".join(parts)

@@ -1,0 +1,128 @@
+"""The jitted, donated train step: loss, gradients, update, EMA, NaN guard."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from imagen_jax import parallel
+from imagen_jax.stage import Stage
+from imagen_jax.train.state import TrainState, ema_decay
+
+
+def _microbatch(batch: dict, k: int, j) -> dict:
+  """The j-th of k interleaved micro-batches.
+
+  ``[B, ...] -> [B / k, k, ...][:, j]`` keeps each device's rows on that
+  device when the batch is sharded in contiguous blocks (no communication).
+  """
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:])[:, j], batch)
+
+
+def make_train_step(stage: Stage, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, config, mesh: Mesh,
+                    state_shardings: TrainState) -> Callable:
+  """Builds ``step(state, batch) -> (state, metrics)``, jitted and donated.
+
+  Per-step randomness is ``fold_in(PRNGKey(seed), step)``: a resumed run
+  draws exactly what an uninterrupted one would. A step whose loss or
+  gradients are not finite is skipped: params, optimizer state and EMA are
+  returned bitwise unchanged and the skip counters increase.
+
+  Args:
+    stage: the stage (owns the loss).
+    tx: optimizer.
+    lr_schedule: for logging the learning rate.
+    config: experiment config (seed, grad_accum, ema, loss_buckets).
+    mesh: device mesh.
+    state_shardings: shardings of the train state.
+
+  Returns:
+    The jitted step function.
+  """
+  accum = int(config.optimizer.grad_accum)
+  buckets = int(config.loss_buckets)
+  base_key = jax.random.PRNGKey(int(config.seed))
+  decay, warmup = float(config.ema.decay), bool(config.ema.warmup)
+
+  def grads_of(params, batch, rng):
+    def loss_fn(p, b, r):
+      loss, aux = stage.loss(p, b, r, train=True)
+      return loss, aux
+
+    if accum == 1:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, batch, rng)
+      return loss, aux, grads
+
+    def body(carry, j):
+      g_sum, l_sum = carry
+      (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, _microbatch(batch, accum, j), jax.random.fold_in(rng, j))
+      return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + loss), aux
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (g_sum, l_sum), auxs = jax.lax.scan(body, (zeros, jnp.zeros(())),
+                                        jnp.arange(accum))
+    aux = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), auxs)
+    return l_sum / accum, aux, jax.tree_util.tree_map(lambda g: g / accum, g_sum)
+
+  def step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(base_key, state.step)
+    loss, aux, grads = grads_of(state.params, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    d = ema_decay(state.step, decay, warmup)
+    new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p,
+                                     state.ema_params, new_params)
+
+    def keep_if_ok(new, old):
+      return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_if_ok(new_params, state.params),
+        opt_state=keep_if_ok(new_opt, state.opt_state),
+        ema_params=keep_if_ok(new_ema, state.ema_params),
+        skipped=jnp.where(ok, 0, state.skipped + 1),
+        total_skipped=state.total_skipped + (~ok).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "learning_rate": lr_schedule(state.step),
+               "skipped": (~ok).astype(jnp.int32)}
+    # Loss per noise level: t in [i / n, (i + 1) / n).
+    idx = jnp.minimum((aux["t"] * buckets).astype(jnp.int32), buckets - 1)
+    for i in range(buckets):
+      sel = (idx == i).astype(jnp.float32)
+      metrics[f"loss_t{i}"] = jnp.sum(aux["loss"] * sel) / jnp.maximum(sel.sum(), 1)
+      metrics[f"count_t{i}"] = sel.sum()
+    return new_state, metrics
+
+  rep = parallel.replicated(mesh)
+  compiled = {}
+
+  def compiled_for(state, batch):
+    """The AOT-compiled step for this batch signature (compiled once)."""
+    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    if key not in compiled:
+      batch_sh = {k: parallel.batch_sharding(mesh, v.ndim)
+                  for k, v in batch.items()}
+      with parallel.sharding_context(mesh):
+        compiled[key] = jax.jit(
+            step, in_shardings=(state_shardings, batch_sh),
+            out_shardings=(state_shardings, rep),
+            donate_argnums=(0,)).lower(state, batch).compile()
+    return compiled[key]
+
+  def run(state: TrainState, batch: dict):
+    return compiled_for(state, batch)(state, batch)
+
+  # The compiled executable, for XLA's cost and memory analysis.
+  run.compiled = compiled_for
+  return run
