@@ -7,6 +7,8 @@ import sys
 from absl import flags
 from absl import logging
 
+from imagen_jax import xla_flags
+
 USAGE_EXIT_CODE = 2
 
 
@@ -26,10 +28,33 @@ def flags_parser(prog: str):
   def parse(argv):
     try:
       rest = flags.FLAGS(argv)
-    except (flags.Error, KeyError, ValueError, FileNotFoundError, IOError) as e:
-      fail(prog, f"{type(e).__name__ if not isinstance(e, flags.Error) else 'flag error'}: {e}")
+    except (AttributeError, KeyError) as e:
+      # ml_collections: an override names a field the config does not have.
+      name = str(e).strip("\"'")
+      bad = [a for a in argv if a.startswith("--config.") and name in a]
+      fail(prog, f"unknown config field {bad[0].split('=')[0] if bad else name}; "
+           "see the config file (and imagen_jax/config_defaults.py) for fields.")
+    except (flags.Error, ValueError, FileNotFoundError, IOError) as e:
+      fail(prog, f"{e}")
     # Libraries (orbax, tfds) log every step at INFO; our progress is printed.
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+    xla_flags.enable_compilation_cache()
     return rest
   return parse
+
+
+def config_value(prog: str, holder):
+  """The parsed config of a config_flags holder; a file that fails to load
+  (missing, syntax error) becomes one line and exit code 2."""
+  try:
+    config = holder.value
+    if config is None:
+      fail(prog, "--config is required (a config file, e.g. configs/tiny.py).")
+    list(config.keys())  # config_flags defers load errors to first access
+    return config
+  except (IOError, OSError, SyntaxError) as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in reversed(lines) if "Errno" in ln or "Error" in ln),
+                  lines[-1] if lines else str(e))
+    fail(prog, f"cannot load the config file: {detail}")

@@ -143,6 +143,7 @@ def base() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),            # (data, fsdp, tensor); -1 takes the rest
       dcn_shape=(1, 1, 1),         # multi-slice: slices along each axis
+      num_devices=0,               # single process: use the first N devices (0: all)
   ))
   config.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=True))
   config.diffusion = diffusion_defaults()

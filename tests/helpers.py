@@ -97,3 +97,47 @@ def random_inputs(inputs, seed=0, valid_tokens=None):
                                 jnp.float32)
     out["aug_logsnr"] = jnp.asarray(rs.uniform(0, 5, (b,)), jnp.float32)
   return out
+
+
+def tiny_train_config(**overrides):
+  """configs/tiny.py with overrides given as dotted keys (a.b=value)."""
+  spec = importlib.util.spec_from_file_location(
+      "tiny", os.path.join(ROOT, "configs", "tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  for key, value in overrides.items():
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
+  return config
+
+
+def read_scalars(workdir, tag="loss"):
+  """{step: value} of a TensorBoard scalar in ``workdir`` (last write wins)."""
+  import glob
+  import tensorflow as tf
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")),
+                     key=os.path.getmtime):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == tag:
+          if v.HasField("tensor"):
+            out[event.step] = float(tf.make_ndarray(v.tensor))
+          else:
+            out[event.step] = float(v.simple_value)
+  return out
+
+
+def run_cli(module, *args, env=None, timeout=600):
+  """Runs ``python -m module args`` in the repo; returns CompletedProcess."""
+  import subprocess
+  import sys
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=full_env)

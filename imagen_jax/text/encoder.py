@@ -207,7 +207,11 @@ class TextEncoder:
     if pad:
       ids = np.concatenate([ids, np.zeros((pad,) + ids.shape[1:], ids.dtype)])
       mask = np.concatenate([mask, np.zeros((pad,) + mask.shape[1:], bool)])
-    emb = self._forward()(self.params, ids, mask)[:n]
+    # Explicit transfers: the mesh is this process's devices, and jit refuses
+    # sharded numpy inputs in multi-process runs.
+    sharding = parallel.batch_sharding(self.mesh, 2)
+    emb = self._forward()(self.params, jax.device_put(ids, sharding),
+                          jax.device_put(mask, sharding))[:n]
     mask = jnp.asarray(mask[:n])
     return jnp.where(mask[..., None], emb, 0.0), mask
 

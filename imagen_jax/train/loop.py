@@ -188,8 +188,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     NonFiniteError: too many non-finite steps in a row.
     Preempted: SIGTERM arrived; the state was saved.
   """
-  mesh_shape = validate(config, jax.device_count())
-  mesh = parallel.make_mesh(mesh_shape, dcn_shape=tuple(config.mesh.dcn_shape)
+  devices = jax.devices()
+  if int(config.mesh.num_devices):
+    if jax.process_count() > 1:
+      raise ConfigError("mesh.num_devices is for single-process runs; a "
+                        "multi-process run uses every device.")
+    if int(config.mesh.num_devices) > len(devices):
+      raise ConfigError(f"mesh.num_devices={config.mesh.num_devices} but only "
+                        f"{len(devices)} devices are present.")
+    devices = devices[:int(config.mesh.num_devices)]
+  mesh_shape = validate(config, len(devices))
+  mesh = parallel.make_mesh(mesh_shape, devices,
+                            dcn_shape=tuple(config.mesh.dcn_shape)
                             if int(np.prod(config.mesh.dcn_shape)) > 1 else None)
   check_workdir_config(workdir, config)
   stage = Stage.from_config(config)
@@ -242,6 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   flops = 0.0
   throughput = None
   history: list = []
+  n_devices = len(devices)
   losses: list = []
   last_metrics: dict = {}
   stop = min(total, stop_at) if stop_at else total
@@ -267,7 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         batch = _global_batch(prefetch.get(position), mesh)
         if flops == 0.0 and step == start_step:
           flops = metrics_lib.step_flops(step_fn.compiled(state, batch))
-          throughput = metrics_lib.Throughput(int(config.batch_size), flops, peak)
+          throughput = metrics_lib.Throughput(int(config.batch_size), flops,
+                                              peak, n_devices)
         state, m = step_fn(state, batch)
         step += 1
         position += 1

@@ -35,14 +35,15 @@ _STOP_AT = flags.DEFINE_integer("stop_at", None,
 def main(argv) -> int:
   if len(argv) > 1:
     cli.fail(PROG, f"unexpected arguments {argv[1:]}; everything is a --flag.")
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    cli.fail(PROG, "--config and --workdir are required.")
+  config = cli.config_value(PROG, _CONFIG)
+  if _WORKDIR.value is None:
+    cli.fail(PROG, "--workdir is required.")
   from imagen_jax import parallel  # pylint: disable=g-import-not-at-top
   from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   try:
-    loop.train(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
+    loop.train(config, _WORKDIR.value, stop_at=_STOP_AT.value)
   except loop.ConfigError as e:
     cli.fail(PROG, str(e))
   except loop.Preempted as e:

@@ -80,11 +80,12 @@ def memory_stats() -> dict[str, float]:
 class Throughput:
   """Steps/s, images/s, TFLOP/s per device and MFU over a logging window."""
 
-  def __init__(self, global_batch: int, flops_per_step: float, peak: float):
+  def __init__(self, global_batch: int, flops_per_step: float, peak: float,
+               devices: int):
     self.global_batch = global_batch
     self.flops_per_step = flops_per_step
     self.peak = peak
-    self.devices = jax.device_count()
+    self.devices = devices
     self._t = time.perf_counter()
     self._steps = 0
 

@@ -1,0 +1,194 @@
+"""Training: mesh equivalence, learning, NaN guard, checkpoints, bad input."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax import build
+from imagen_jax.stage import Stage
+from imagen_jax.train import loop
+from imagen_jax.train import optim
+from imagen_jax.train import state as state_lib
+from imagen_jax.train.checkpoint import Checkpointer
+from imagen_jax.train.step import make_train_step
+from imagen_jax import parallel
+from tests import helpers
+
+
+def _train(tmp_path, name, **overrides):
+  config = helpers.tiny_train_config(**overrides)
+  return loop.train(config, str(tmp_path / name), progress=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device_losses(tmp):
+  import pathlib
+  out = _train(pathlib.Path(tmp), "one", **{
+      "total_steps": 5, "log_every": 5, "checkpoint_every": 5,
+      "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
+  return tuple(out["losses"]), out["state"]
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)])
+def test_losses_equal_across_meshes(tmp_path_factory, shape):
+  ref_losses, ref_state = _one_device_losses(str(tmp_path_factory.mktemp("ref")))
+  out = _train(tmp_path_factory.mktemp("mesh"), "m", **{
+      "total_steps": 5, "log_every": 5, "checkpoint_every": 5,
+      "mesh.shape": shape})
+  np.testing.assert_allclose(out["losses"], ref_losses, rtol=2e-5, atol=1e-6)
+  # Params agree as a whole. (Not element by element: zero-initialised layers
+  # get gradients near 0 in the first steps, where Adam's m / sqrt(v) turns
+  # float-reordering noise across meshes into +-lr sign flips.)
+  diff = sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
+             for a, b in zip(jax.tree_util.tree_leaves(out["state"].params),
+                             jax.tree_util.tree_leaves(ref_state.params)))
+  norm = sum(float(np.sum(np.asarray(b) ** 2))
+             for b in jax.tree_util.tree_leaves(ref_state.params))
+  assert diff <= 1e-8 * norm, (diff, norm)
+  # FSDP / tensor parallel really split the params.
+  if shape[1] * shape[2] > 1:
+    kernel = out["state"].params["up_1_res_0"]["conv_0"]["kernel"]
+    assert len({str(s.index) for s in kernel.addressable_shards}) > 1
+
+
+def test_tiny_run_learns_and_keeps_max_checkpoints(tmp_path):
+  config = helpers.tiny_train_config(**{"total_steps": 300, "log_every": 100,
+                                        "checkpoint_every": 50,
+                                        "keep_checkpoints": 2,
+                                        "mesh.shape": (1, 1, 1),
+                                        "mesh.num_devices": 1})
+  workdir = str(tmp_path / "learn")
+  stage = Stage.from_config(config)
+  from imagen_jax.data import sources
+  from imagen_jax.text import encoder as encoder_lib
+  enc = encoder_lib.from_config(config.text)
+  src = sources.make_source(config, workdir, enc.encode)
+  fixed = src.local_batch(12345)
+  eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack([
+      stage.loss(p, fixed, jax.random.PRNGKey(i), train=False)[0]
+      for i in range(4)])))
+  out = loop.train(config, workdir, progress=False)
+  tx, _ = optim.make_optimizer(config.optimizer, 300)
+  module = stage.unet
+  init = state_lib.init_state(module, config, tx,
+                              parallel.make_mesh((1, 1, 1), jax.devices()[:1]),
+                              state_lib.state_shardings(
+                                  module, build.unet_inputs(config, 1, 4), tx,
+                                  parallel.make_mesh((1, 1, 1), jax.devices()[:1]))[1],
+                              jax.random.PRNGKey(0))
+  start = float(eval_loss(jax.device_get(init.params)))
+  end = float(eval_loss(jax.device_get(out["state"].ema_params)))
+  assert end < 0.3 * start, (start, end)
+  # TensorBoard got the scalar "loss" every log_every steps.
+  assert sorted(helpers.read_scalars(workdir, "loss")) == [100, 200, 300]
+  # keep_checkpoints = 2
+  assert Checkpointer(workdir).all_steps() == [250, 300]
+
+
+def test_nan_guard_skips_bitwise_and_stops(tmp_path, monkeypatch):
+  config = helpers.tiny_train_config(**{"mesh.shape": (1, 1, 1),
+                                        "mesh.num_devices": 1})
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  stage = Stage.from_config(config)
+  tx, lr = optim.make_optimizer(config.optimizer, 10)
+  abstract, sh = state_lib.state_shardings(stage.unet, build.unet_inputs(config, 1, 4),
+                                           tx, mesh)
+  state = state_lib.init_state(stage.unet, config, tx, mesh, sh, jax.random.PRNGKey(0))
+  step = make_train_step(stage, tx, lr, config, mesh, sh)
+  rs = np.random.RandomState(0)
+  good = {"image": rs.randint(0, 255, (16, 16, 16, 3)).astype(np.uint8),
+          "text": rs.randn(16, 16, 32).astype(np.float32),
+          "text_mask": np.ones((16, 16), bool)}
+  bad = dict(good, text=np.full_like(good["text"], np.nan))
+  state, _ = step(state, good)
+  before = jax.device_get(state)
+  state, m = step(state, bad)
+  after = jax.device_get(state)
+  assert int(m["skipped"]) == 1 and int(after.skipped) == 1
+  assert int(after.step) == int(before.step) + 1
+  for a, b in zip(jax.tree_util.tree_leaves((before.params, before.opt_state, before.ema_params)),
+                  jax.tree_util.tree_leaves((after.params, after.opt_state, after.ema_params))):
+    np.testing.assert_array_equal(a, b)
+  state, m = step(state, good)
+  assert int(m["skipped"]) == 0 and int(jax.device_get(state.skipped)) == 0
+
+  # In the loop: K poisoned steps in a row stop the run with a clear error,
+  # and no non-finite state is checkpointed.
+  from imagen_jax.data import sources
+  real = sources.make_source
+
+  class Poisoned:
+    def __init__(self, inner):
+      self.inner = inner
+    def local_batch(self, position):
+      b = self.inner.local_batch(position)
+      if position >= 3:
+        b["text"] = np.full_like(b["text"], np.inf)
+      return b
+
+  monkeypatch.setattr(sources, "make_source", lambda *a, **k: Poisoned(real(*a, **k)))
+  config = helpers.tiny_train_config(**{"max_consecutive_skips": 4,
+                                        "checkpoint_every": 2, "log_every": 1})
+  with pytest.raises(loop.NonFiniteError, match="4 consecutive steps"):
+    loop.train(config, str(tmp_path / "nan"), progress=False)
+  ck = Checkpointer(str(tmp_path / "nan"))
+  steps = ck.all_steps()
+  assert steps and max(steps) <= 6
+  restored, _ = ck.restore(max(steps), *state_lib.state_shardings(
+      stage.unet, build.unet_inputs(config, 1, 4), tx,
+      parallel.make_mesh((8, 1, 1))))
+  assert bool(state_lib.is_finite_tree(restored.params))
+
+
+def test_restore_on_a_different_mesh(tmp_path):
+  workdir = str(tmp_path / "remesh")
+  first = loop.train(helpers.tiny_train_config(**{
+      "total_steps": 6, "checkpoint_every": 6, "log_every": 6,
+      "mesh.shape": (2, 2, 2)}), workdir, progress=False)
+  for shape, n in (((1, 4, 1), 4), ((1, 1, 1), 1)):
+    config = helpers.tiny_train_config(**{
+        "total_steps": 6, "checkpoint_every": 6, "log_every": 6,
+        "mesh.shape": shape, "mesh.num_devices": n})
+    mesh = parallel.make_mesh(shape, jax.devices()[:n])
+    stage = Stage.from_config(config)
+    tx, _ = optim.make_optimizer(config.optimizer, 6)
+    abstract, sh = state_lib.state_shardings(stage.unet, build.unet_inputs(config, 1, 4), tx, mesh)
+    restored, meta = Checkpointer(workdir).restore(6, abstract, sh)
+    assert meta["data_position"] == 6
+    for a, b in zip(jax.tree_util.tree_leaves(restored),
+                    jax.tree_util.tree_leaves(first["state"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    leaf = jax.tree_util.tree_leaves(restored.params)[0]
+    assert len(leaf.sharding.device_set) == n
+  # And training continues on the new mesh from there.
+  more = loop.train(helpers.tiny_train_config(**{
+      "total_steps": 8, "checkpoint_every": 8, "log_every": 2,
+      "mesh.shape": (1, 4, 1), "mesh.num_devices": 4}), workdir, progress=False)
+  assert more["step"] == 8 and len(more["losses"]) == 2
+
+
+def test_workdir_refuses_other_model_shapes(tmp_path):
+  workdir = str(tmp_path / "w")
+  loop.train(helpers.tiny_train_config(**{"total_steps": 1, "checkpoint_every": 1,
+                                          "log_every": 1}), workdir, progress=False)
+  with pytest.raises(loop.ConfigError, match="different model"):
+    loop.train(helpers.tiny_train_config(**{"model.base_channels": 32}),
+               workdir, progress=False)
+
+
+def test_init_from_another_run(tmp_path):
+  src = loop.train(helpers.tiny_train_config(**{"total_steps": 3, "checkpoint_every": 3,
+                                                "log_every": 3}),
+                   str(tmp_path / "src"), progress=False)
+  out = loop.train(helpers.tiny_train_config(**{
+      "total_steps": 1, "checkpoint_every": 1, "log_every": 1,
+      "init_from": str(tmp_path / "src"), "optimizer.learning_rate": 0.0}),
+      str(tmp_path / "dst"), progress=False)
+  # lr 0 for one step: params stay the source's EMA params.
+  for a, b in zip(jax.tree_util.tree_leaves(out["state"].params),
+                  jax.tree_util.tree_leaves(src["state"].ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
