@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",   # the digits dataset and its evaluator
     "matplotlib>=3.8",     # sweep plots
     "safetensors>=0.4",    # reading Hugging Face T5 checkpoints
+    "psutil",               # host memory in training metrics
     "importlib_resources",  # tfds builders (etils.epath) need it at prepare time
     "array_record>=0.5",    # embedding store shards
 ]
@@ -42,6 +43,7 @@ TEST_REQUIRES = [
     "nbclient>=0.10",
     "nbformat>=5.9",
     "ipykernel>=6.29",
+    "filelock>=3.12",     # the shared quick-demo fixture across xdist workers
 ]
 
 setup(
@@ -59,6 +61,11 @@ setup(
     entry_points={
         "console_scripts": [
             "imagen-demo=imagen_jax.demo:run_main",
+            "imagen-train=imagen_jax.train.main:run_main",
+            "imagen-embed=imagen_jax.embed:run_main",
+            "imagen-eval=imagen_jax.eval.main:run_main",
+            "imagen-sample=imagen_jax.sample:run_main",
+            "imagen-export=imagen_jax.export:run_main",
         ],
     },
 )

@@ -79,3 +79,19 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
   print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
   for r in cells:
     print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def run_worker(script: str, args: Sequence[str], env: dict | None = None) -> dict:
+  """Runs ``script --worker ...`` in a subprocess; returns its RESULT json.
+
+  Each framework measures in its own process so thread pools and peak RSS
+  do not mix.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, script, *args], capture_output=True,
+                       text=True, check=False, env=env)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[7:])
+  raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 
 import common
@@ -132,14 +131,9 @@ def _run_worker(kind: str, variant: str, batch: int, text_len: int,
   env = dict(os.environ)
   if keep_xla_flags:
     env["IMAGEN_JAX_KEEP_XLA_FLAGS"] = "1"
-  out = subprocess.run(
-      [sys.executable, __file__, "--worker", kind, "--configs", variant,
-       "--batch", str(batch), "--text_len", str(text_len)],
-      capture_output=True, text=True, check=False, env=env)
-  for line in out.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[7:])
-  raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+  return common.run_worker(__file__, ["--worker", kind, "--configs", variant,
+                                      "--batch", str(batch), "--text_len",
+                                      str(text_len)], env)
 
 
 def main():

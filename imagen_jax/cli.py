@@ -36,12 +36,17 @@ def flags_parser(prog: str):
            "see the config file (and imagen_jax/config_defaults.py) for fields.")
     except (flags.Error, ValueError, FileNotFoundError, IOError) as e:
       fail(prog, f"{e}")
-    # Libraries (orbax, tfds) log every step at INFO; our progress is printed.
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
-    xla_flags.enable_compilation_cache()
+    setup_logging_and_cache(flags.FLAGS["verbosity"].present)
     return rest
   return parse
+
+
+def setup_logging_and_cache(verbosity_given: bool = False) -> None:
+  """Quiet library logging (unless asked) and the persistent XLA cache."""
+  # Libraries (orbax, tfds) log every step at INFO; our progress is printed.
+  if not verbosity_given:
+    logging.set_verbosity(logging.WARNING)
+  xla_flags.enable_compilation_cache()
 
 
 def config_value(prog: str, holder):

@@ -60,8 +60,11 @@ def data_defaults() -> ml_collections.ConfigDict:
       id_key="",
       files="",            # glob (tfrecord, webdataset); "split:glob,..." allowed
       folder="",           # image folder with .txt captions
-      num_examples=0,      # built-in datasets: how many to render
-      holdout="",          # shapes: attribute combinations held out of train
+      num_examples=0,      # built-in datasets: training examples to render
+      num_test=500,        # shapes: test (and holdout) examples
+      render_resolution=128,  # built-in datasets: size they are rendered at
+      render_seed=0,       # shapes: scene seed
+      holdout="",          # shapes: "red triangle,blue circle" held out of train
       store="",            # embedding store dir (default: WORKDIR/embeddings)
       min_size=0,          # drop images whose shorter side is smaller (0: resolution)
       flip=False,          # random horizontal flips (off: captions say left/right)
@@ -174,3 +177,61 @@ def use_random_t5(config: ml_collections.ConfigDict, size: str,
   config.text.vocab = "default"
   config.text.max_length = max_length
   config.text.dtype = "float32"
+
+
+def use_paper_training(config: ml_collections.ConfigDict, optimizer: str,
+                       fsdp: int) -> None:
+  """Imagen's training recipe (App. F) on a TPU pod slice.
+
+  Batch 2048, lr 1e-4 with 10k linear warmup steps and cosine decay over
+  2.5M steps, EMA 0.9999; Adafactor for the base stage, Adam (0.9, 0.999,
+  1e-8) for the super-resolution stages. Frozen T5-XXL from its t5x
+  checkpoint. Params and optimizer state are FSDP-sharded ``fsdp`` ways.
+  """
+  config.total_steps = 2_500_000
+  config.batch_size = 2048
+  config.log_every = 100
+  config.checkpoint_every = 5000
+  config.keep_checkpoints = 3
+  config.keep_period = 100_000
+  config.sample_every = 20_000
+  config.mesh.shape = (-1, fsdp, 1)
+  o = config.optimizer
+  o.name = optimizer
+  o.learning_rate = 1e-4
+  o.warmup_steps = 10_000
+  o.decay = "cosine"
+  o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+  o.grad_clip = 1.0
+  config.ema.decay = 0.9999
+  config.model.dtype = "bfloat16"
+  t = config.text
+  t.t5 = "xxl"
+  t.source = "t5x"
+  t.checkpoint = "gs://t5-data/pretrained_models/t5x/t5_1_1_xxl/checkpoint_1000000"
+  t.vocab = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+  t.max_length = 128
+  t.dtype = "bfloat16"
+  config.embed.batch_size = 1024
+  config.embed.shard_size = 65536
+
+
+def use_cpu_training(config: ml_collections.ConfigDict, steps: int,
+                     batch: int, lr: float) -> None:
+  """Training settings that fit a 2-core CPU (benchmarks, the demo)."""
+  config.total_steps = steps
+  config.batch_size = batch
+  config.log_every = 50
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.sample_every = 0
+  config.mesh.shape = (-1, 1, 1)
+  o = config.optimizer
+  o.name = "adam"
+  o.learning_rate = lr
+  o.warmup_steps = max(steps // 20, 1)
+  o.decay = "cosine"
+  o.end_lr_factor = 0.1
+  config.ema.decay = 0.995
+  config.embed.batch_size = 64
+  config.embed.shard_size = 1024

@@ -26,16 +26,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_PROCESS_INDEX = flags.DEFINE_integer("process_index", None,
-                                      "This process (without jax.distributed).")
-_PROCESS_COUNT = flags.DEFINE_integer("process_count", None,
-                                      "Number of processes (without jax.distributed).")
-_COORDINATOR = flags.DEFINE_string("coordinator", None,
-                                   "host:port of jax.distributed's coordinator.")
-
-
 def store_path(config, workdir: str) -> str:
   """Where a config's embedding store lives."""
   return config.data.store or os.path.join(workdir, "embeddings")
@@ -158,25 +148,53 @@ def _count_hint(task, split, pc):
     return None
 
 
-def main(argv):
-  del argv
-  if _WORKDIR.value is None or _CONFIG.value is None:
-    print("imagen-embed: --config and --workdir are required.", file=sys.stderr)
-    return 2
+PROG = "imagen-embed"
+_F: dict = {}
+
+
+def _define_flags() -> None:
+  """Defines the CLI flags (only when run as the CLI: library users and the
+  demo import this module next to their own ``--config``)."""
+  _F["config"] = config_flags.DEFINE_config_file("config", None,
+                                                 "Stage config file.")
+  _F["workdir"] = flags.DEFINE_string("workdir", None, "Output directory.")
+  _F["process_index"] = flags.DEFINE_integer(
+      "process_index", None, "This process (without jax.distributed).")
+  _F["process_count"] = flags.DEFINE_integer(
+      "process_count", None, "Number of processes (without jax.distributed).")
+  _F["coordinator"] = flags.DEFINE_string(
+      "coordinator", None, "host:port of jax.distributed's coordinator.")
+
+
+def main(argv) -> int:
+  """CLI main; returns the exit code."""
+  from imagen_jax import cli  # pylint: disable=g-import-not-at-top
   from imagen_jax import parallel  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    parallel.initialize_distributed(_COORDINATOR.value, _PROCESS_COUNT.value,
-                                    _PROCESS_INDEX.value)
-    run_embed(_CONFIG.value, _WORKDIR.value)
-  else:
-    run_embed(_CONFIG.value, _WORKDIR.value, _PROCESS_INDEX.value,
-              _PROCESS_COUNT.value)
+  if len(argv) > 1:
+    cli.fail(PROG, f"unexpected arguments {argv[1:]}; everything is a --flag.")
+  config = cli.config_value(PROG, _F["config"])
+  workdir = _F["workdir"].value
+  if workdir is None:
+    cli.fail(PROG, "--workdir is required.")
+  try:
+    if _F["coordinator"].value:
+      parallel.initialize_distributed(_F["coordinator"].value,
+                                      _F["process_count"].value,
+                                      _F["process_index"].value)
+      run_embed(config, workdir)
+    else:
+      run_embed(config, workdir, _F["process_index"].value,
+                _F["process_count"].value)
+  except ValueError as e:
+    cli.fail(PROG, str(e))
   return 0
 
 
 def run_main():
   """Console-script entry point."""
-  app.run(main)
+  from imagen_jax import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(PROG))
 
 
 if __name__ == "__main__":

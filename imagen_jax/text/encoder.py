@@ -143,7 +143,8 @@ class TextEncoder:
     config = t5_lib.t5_config(size, dtype=dtype)
     params = t5_checkpoints.load_t5x(checkpoint_dir)
     spec = dict(t5=size, source="t5x",
-                checkpoint=os.path.abspath(checkpoint_dir), seed=0)
+                checkpoint=checkpoint_dir if "://" in checkpoint_dir
+                else os.path.abspath(checkpoint_dir), seed=0)
     return cls._build(config, params, vocab_path, max_length, spec, mesh)
 
   @classmethod

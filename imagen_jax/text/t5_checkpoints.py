@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from imagen_jax import fileio
 from imagen_jax.models.t5 import T5Config
 
 Params = dict[str, Any]
@@ -144,12 +145,14 @@ def _is_ts_spec(x) -> bool:
 def _read_ts(spec: dict, ckpt_dir: str) -> np.ndarray:
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   spec = json.loads(json.dumps(spec, default=_json_default))
-  kv = spec["kvstore"]
-  if kv.get("driver") in ("gcs", "gfile") and not ckpt_dir.startswith("gs://"):
-    kv = {"driver": "file", "path": kv["path"]}
-  if "path" in kv:
-    kv["path"] = os.path.join(ckpt_dir, kv["path"])
-  spec["kvstore"] = kv
+  rel = spec["kvstore"].get("path", spec.get("path", ""))
+  spec.pop("path", None)  # tensorstore < 0.1.14 kept the path at the top
+  if ckpt_dir.startswith("gs://"):
+    bucket, _, prefix = ckpt_dir[len("gs://"):].partition("/")
+    spec["kvstore"] = {"driver": "gcs", "bucket": bucket,
+                       "path": os.path.join(prefix, rel)}
+  else:
+    spec["kvstore"] = {"driver": "file", "path": os.path.join(ckpt_dir, rel)}
   arr = ts.open(spec, open=True, read=True).result().read().result()
   return np.asarray(arr, np.float32)
 
@@ -183,14 +186,13 @@ def load_t5x(checkpoint_dir: str) -> Params:
     ``{"token_embedder": ..., "encoder": ...}`` in t5x names.
   """
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(checkpoint_dir):
+  if not fileio.isdir(checkpoint_dir):
     raise FileNotFoundError(f"T5 checkpoint directory {checkpoint_dir!r} does "
                             "not exist.")
   msgpack = os.path.join(checkpoint_dir, "checkpoint")
-  if os.path.isfile(msgpack) and not os.path.isfile(
+  if fileio.isfile(msgpack) and not fileio.isfile(
       os.path.join(checkpoint_dir, "_METADATA")):
-    with open(msgpack, "rb") as f:
-      state = serialization.msgpack_restore(f.read())
+    state = serialization.msgpack_restore(fileio.read_bytes(msgpack))
     target = state.get("optimizer", state).get("target")
     if target is None:
       raise ValueError(f"{msgpack} has no optimizer/target tree: not a t5x "
@@ -204,7 +206,9 @@ def load_t5x(checkpoint_dir: str) -> Params:
   # orbax PyTree checkpoint (params tree, optionally under "target")
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
-    tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(checkpoint_dir))
+    tree = ocp.PyTreeCheckpointer().restore(
+        checkpoint_dir if fileio.is_remote(checkpoint_dir)
+        else os.path.abspath(checkpoint_dir))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{checkpoint_dir!r} is neither a t5x checkpoint (no "
                      f"'checkpoint' msgpack) nor an orbax checkpoint ({e}).") from None

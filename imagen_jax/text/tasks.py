@@ -148,8 +148,8 @@ def _tfds_rename(ds: tf.data.Dataset, *, image_key: str, caption_key: str,
 
 def register_tfds_task(name: str, *, tfds_name: str, vocab_path: str,
                        image_key: str = "image", caption_key: str = "caption",
-                       id_key: str = "", data_dir: Optional[str] = None
-                       ) -> seqio.Task:
+                       id_key: str = "", data_dir: Optional[str] = None,
+                       builder_kwargs: Optional[dict] = None) -> seqio.Task:
   """A Task over a tfds dataset with an image and a caption feature.
 
   Args:
@@ -161,15 +161,20 @@ def register_tfds_task(name: str, *, tfds_name: str, vocab_path: str,
       sequence of captions gives one example per caption.
     id_key: feature used as id; without one, a hash of image and caption.
     data_dir: tfds data dir.
+    builder_kwargs: passed to ``tfds.builder`` (e.g. a BuilderConfig).
 
   Returns:
     The registered ``seqio.Task``.
   """
   decoders = {image_key: tfds.decode.SkipDecoding()}
+  builder_kwargs = builder_kwargs or {}
   if ":" not in tfds_name:  # seqio wants a pinned version: take the builder's
-    tfds_name = f"{tfds_name}:{tfds.builder(tfds_name, data_dir=data_dir or None).version}"
+    version = tfds.builder(tfds_name, data_dir=data_dir or None,
+                           **builder_kwargs).version
+    tfds_name = f"{tfds_name}:{version}"
   source = seqio.TfdsDataSource(tfds_name, tfds_data_dir=data_dir or None,
-                                decoders=decoders)
+                                decoders=decoders,
+                                tfds_builder_kwargs=builder_kwargs or None)
 
   def id_fn(ex):
     return tf.where(tf.strings.length(ex["id"]) > 0, ex["id"],
@@ -350,10 +355,11 @@ def register_from_config(name: str, data, vocab_path: str) -> seqio.Task:
                               data_dir=data.data_dir or None)
   if src in ("shapes", "digits"):
     from imagen_jax.data import builtin  # pylint: disable=g-import-not-at-top
-    tfds_name = builtin.prepare(data)
+    tfds_name, kwargs = builtin.prepare(data)
     return register_tfds_task(name, tfds_name=tfds_name, vocab_path=vocab_path,
                               image_key="image", caption_key="caption",
-                              id_key="id", data_dir=data.data_dir or None)
+                              id_key="id", data_dir=builtin.data_dir(data),
+                              builder_kwargs=kwargs)
   if src == "tfrecord":
     return register_tfrecord_task(name, file_pattern=data.files,
                                   vocab_path=vocab_path,

@@ -18,6 +18,8 @@ import random
 
 import seqio
 
+from imagen_jax import fileio
+
 DEMO_VOCAB_SIZE = 1024
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -41,7 +43,7 @@ def load_vocabulary(path: str, extra_ids: int = 0
     A ``seqio.SentencePieceVocabulary``.
   """
   path = default_vocab_path() if path in ("", "default") else path
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(
         f"SentencePiece vocabulary {path!r} does not exist; pass the T5 "
         "sentencepiece .model file (or 'default' for the demo vocabulary).")
@@ -57,8 +59,7 @@ def load_vocabulary(path: str, extra_ids: int = 0
 def vocab_sha256(path: str) -> str:
   """SHA-256 of a vocabulary file: identifies it across machines."""
   path = default_vocab_path() if path in ("", "default") else path
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
 
 
 def _demo_corpus(seed: int = 0) -> list[str]:

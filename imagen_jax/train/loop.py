@@ -23,6 +23,8 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import build
+from imagen_jax import fileio
+from imagen_jax import images as images_lib
 from imagen_jax import parallel
 from imagen_jax.data import pipeline
 from imagen_jax.data import sources
@@ -52,6 +54,27 @@ class NonFiniteError(RuntimeError):
 
 class Preempted(Exception):
   """SIGTERM received; the state was saved."""
+
+
+def run_as_cli(prog: str, fn, *args, **kwargs) -> int:
+  """Runs a training job for a CLI: its errors become exit codes.
+
+  ConfigError -> one line, 2; NonFiniteError -> one line, 3; Preempted ->
+  a line saying the state was saved, 75 (run the same command again).
+  """
+  from imagen_jax import cli  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    fn(*args, **kwargs)
+  except ConfigError as e:
+    cli.fail(prog, str(e))
+  except Preempted as e:
+    print(f"{prog}: preempted at step {e}; state saved, run the same command "
+          "again to continue.", file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
+  except NonFiniteError as e:
+    cli.fail(prog, str(e), NONFINITE_EXIT_CODE)
+  return 0
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple:
@@ -87,9 +110,8 @@ def check_workdir_config(workdir: str, config) -> None:
   """Writes config.json, or refuses a config whose param shapes differ."""
   path = os.path.join(workdir, "config.json")
   new = _config_json(config)
-  if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
+  if fileio.isfile(path):
+    old = fileio.read_json(path)
     for key in SHAPE_KEYS:
       if old.get(key) != new.get(key):
         raise ConfigError(
@@ -103,11 +125,8 @@ def check_workdir_config(workdir: str, config) -> None:
                           f"{old_text.get(key)!r}, the config says "
                           f"{new_text.get(key)!r}; use a new --workdir.")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(new, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    fileio.makedirs(workdir)
+    fileio.write_json(path, new)
 
 
 def _global_batch(local: dict, mesh) -> dict:
@@ -146,26 +165,8 @@ def _text_encoder_spec(config, source) -> Optional[dict]:
 
 
 def _write_json(path: str, data) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def save_grid(images: np.ndarray, path: str, ncol: int = 0) -> None:
-  """Writes uint8 ``[N, H, W, C]`` images as one PNG grid."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  n, h, w, c = images.shape
-  ncol = ncol or int(np.ceil(np.sqrt(n)))
-  nrow = int(np.ceil(n / ncol))
-  grid = np.zeros((nrow * (h + 2) + 2, ncol * (w + 2) + 2, c), np.uint8)
-  for i in range(n):
-    r, col = divmod(i, ncol)
-    grid[2 + r * (h + 2):2 + r * (h + 2) + h,
-         2 + col * (w + 2):2 + col * (w + 2) + w] = images[i]
-  Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+  if jax.process_index() == 0:
+    fileio.write_json(path, data)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -347,5 +348,6 @@ def _sample_grid(stage: Stage, state, batch: dict, config, workdir: str,
   images = np.asarray(jax.device_get(to_uint8_image(images)))
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+    images_lib.save_grid(images, os.path.join(workdir, "samples",
+                                             f"step_{step:08d}.png"))
     writer.write_images(step, {"samples": images})

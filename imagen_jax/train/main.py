@@ -42,17 +42,8 @@ def main(argv) -> int:
   from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
-  try:
-    loop.train(config, _WORKDIR.value, stop_at=_STOP_AT.value)
-  except loop.ConfigError as e:
-    cli.fail(PROG, str(e))
-  except loop.Preempted as e:
-    print(f"{PROG}: preempted at step {e}; state saved, restart to continue.",
-          file=sys.stderr)
-    return loop.PREEMPTED_EXIT_CODE
-  except loop.NonFiniteError as e:
-    cli.fail(PROG, str(e), loop.NONFINITE_EXIT_CODE)
-  return 0
+  return loop.run_as_cli(PROG, loop.train, config, _WORKDIR.value,
+                         stop_at=_STOP_AT.value)
 
 
 def run_main():

@@ -1,0 +1,168 @@
+"""Training throughput, compiled memory of the paper's base stage, checkpoint stall.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_speed.py
+
+1. CPU-scale configs (base64:cpu, sr256:cpu) on this machine, one device:
+   steps/s, images/s, achieved TFLOP/s (XLA cost analysis of the compiled
+   step) and its fraction of the measured float32 matmul peak, compiled
+   memory and peak host RSS.
+2. The paper-scale base stage (2.0B params, Adafactor + EMA, bf16 compute)
+   at per-device batch 32 on the sharding of one 8-chip host (mesh
+   data=1 x fsdp=8), with and without remat: ``compiled.memory_analysis()``
+   of the train step lowered on abstract inputs (nothing is allocated).
+   Needs 8 (virtual) devices.
+3. Checkpoint stall: time the step loop is blocked by an async save vs the
+   save's full duration, for the cpu base stage.
+
+Targets: cpu step >= 50% of matmul FLOP/s; paper base at per-device batch 32
+fits 80 GB per device with remat; save stall < 10% of the save's duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagen_jax import build
+from imagen_jax import parallel
+from imagen_jax.stage import Stage
+from imagen_jax.train import optim
+from imagen_jax.train import state as state_lib
+from imagen_jax.train.checkpoint import Checkpointer
+from imagen_jax.train.step import make_train_step
+from tests import helpers
+
+
+def _batch(config, b, text_len, seed=0):
+  rs = np.random.RandomState(seed)
+  r = int(config.train_crop) or int(config.resolution)
+  out = {"image": rs.randint(0, 255, (b, r, r, 3)).astype(np.uint8),
+         "text": rs.randn(b, text_len, int(config.model.text_dim)).astype(np.float32),
+         "text_mask": np.ones((b, text_len), bool)}
+  if config.lowres_resolution:
+    lr = r * int(config.lowres_resolution) // int(config.resolution)
+    out["lowres"] = rs.randint(0, 255, (b, lr, lr, 3)).astype(np.uint8)
+  return out
+
+
+def _setup(config, mesh):
+  stage = Stage.from_config(config)
+  tx, lr = optim.make_optimizer(config.optimizer, int(config.total_steps))
+  abstract, sh = state_lib.state_shardings(
+      stage.unet, build.unet_inputs(config, 1, 4), tx, mesh)
+  return stage, tx, lr, abstract, sh
+
+
+def cpu_throughput(name, batch, peak):
+  config = helpers.load_config(name, "cpu")
+  config.batch_size = batch
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  stage, tx, lr, abstract, sh = _setup(config, mesh)
+  state = state_lib.init_state(stage.unet, config, tx, mesh, sh,
+                               jax.random.PRNGKey(0))
+  step = make_train_step(stage, tx, lr, config, mesh, sh)
+  b = {k: jax.device_put(v) for k, v in _batch(config, batch, 16).items()}
+  compiled = step.compiled(state, b)
+  flops = float(compiled.cost_analysis()["flops"])
+  mem = compiled.memory_analysis()
+  for _ in range(2):
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  n = 5
+  t = time.perf_counter()
+  for _ in range(n):
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  secs = (time.perf_counter() - t) / n
+  return [f"{name}:cpu", build.count_params(state.params), batch, 1 / secs,
+          batch / secs, flops / secs / 1e12, flops / secs / peak,
+          (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**20,
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10]
+
+
+def paper_memory(remat: str, per_device_batch: int):
+  config = helpers.load_config("base64", "paper")
+  config.model.remat = remat
+  devices = jax.devices()[:8]
+  mesh = parallel.make_mesh((1, 8, 1), devices)
+  config.batch_size = per_device_batch * 8
+  stage, tx, lr, abstract, sh = _setup(config, mesh)
+  step = make_train_step(stage, tx, lr, config, mesh, sh)
+  abstract_state = state_lib.abstract_with_shardings(abstract, sh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                   sharding=parallel.batch_sharding(mesh, v.ndim))
+           for k, v in _batch(config, 8, 128).items()}
+  batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype,
+                                   sharding=v.sharding) for k, v in batch.items()}
+  t = time.perf_counter()
+  compiled = step.compiled(abstract_state, batch)
+  mem = compiled.memory_analysis()
+  total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+           + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+  return [f"base64:paper remat={remat}", per_device_batch,
+          mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30,
+          total / 2**30, "yes" if total < 80 * 2**30 else "NO",
+          time.perf_counter() - t]
+
+
+def checkpoint_stall():
+  config = helpers.load_config("base64", "cpu")
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  stage, tx, lr, abstract, sh = _setup(config, mesh)
+  state = state_lib.init_state(stage.unet, config, tx, mesh, sh,
+                               jax.random.PRNGKey(0))
+  rows = []
+  with tempfile.TemporaryDirectory() as d:
+    ck = Checkpointer(d, max_to_keep=10)
+    for i in range(1, 4):
+      t0 = time.perf_counter()
+      ck.save(i, state, {"data_position": i})
+      blocked = time.perf_counter() - t0
+      ck.wait()
+      total = time.perf_counter() - t0
+      size = sum(os.path.getsize(os.path.join(r, f))
+                 for r, _, fs in os.walk(os.path.join(d, "checkpoints", str(i)))
+                 for f in fs)
+      rows.append([i, size / 2**20, blocked, total, blocked / total])
+    ck.close()
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--skip-paper", action="store_true")
+  args = parser.parse_args()
+  print(common.machine_line())
+  peak = common.matmul_peak_flops()
+  rows = [cpu_throughput("base64", 8, peak), cpu_throughput("sr256", 8, peak)]
+  print(f"\n1. CPU-scale train step, one device; matmul peak {peak / 1e9:.1f} GFLOP/s")
+  common.print_table(["config", "params", "batch", "steps/s", "images/s",
+                      "TFLOP/s", "of matmul peak", "XLA mem MiB",
+                      "peak RSS MiB"], rows)
+  if not args.skip_paper:
+    if len(jax.devices()) < 8:
+      print("\n2. skipped: needs 8 devices "
+            "(XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    else:
+      rows = [paper_memory(r, 32) for r in ("none", "full")]
+      print("\n2. Paper base stage (2.0B, Adafactor + EMA, bf16), per-device "
+            "batch 32, mesh data=1 x fsdp=8; compiled estimate per device (GiB)")
+      common.print_table(["config", "batch/device", "args (state+batch)",
+                          "temp (activations)", "total", "fits 80 GB",
+                          "compile s"], rows)
+  rows = checkpoint_stall()
+  print("\n3. Async checkpoint of the cpu base stage: loop blocked vs full save")
+  common.print_table(["save", "MiB", "blocked s", "save s", "stall fraction"],
+                     rows)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,436 @@
+"""The text -> base -> SR -> SR pipeline used by the CLI, the demo and notebooks.
+
+A ``Cascade`` holds a frozen T5 ``TextEncoder`` and one ``LoadedStage`` per
+stage (its config, ``Stage`` and EMA params). Stages load from training
+workdirs (latest checkpoint; EMA params unless told otherwise) or from
+exports (``export_stage``: params alone + the stage's config + its text
+encoder spec). Loading checks that the stages chain (each SR stage's low-res
+size is the previous stage's resolution, every stage reads the same T5) and
+the T5 is rebuilt from the recorded spec when none is given.
+
+Sampling: each stage's whole loop is one compiled function (``lax.scan``)
+with classifier-free guidance batched into one network call per step; the
+compiled functions are cached per (stage, batch shape, settings), so a second
+call with the same settings compiles nothing. The batch is sharded over the
+mesh's data axes and params over fsdp/tensor, as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from imagen_jax import build
+from imagen_jax import fileio
+from imagen_jax import parallel
+from imagen_jax.diffusion import samplers as samplers_lib
+from imagen_jax.stage import Stage, to_float_image, to_uint8_image
+from imagen_jax.text import encoder as encoder_lib
+from imagen_jax.train import checkpoint as ckpt_lib
+
+
+class CascadeError(ValueError):
+  """A cascade that cannot be built or run as asked (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+  """How one stage samples."""
+  sampler: str = "ddim"
+  num_steps: int = 50
+  guidance_scale: float = 5.0
+  threshold: str = "dynamic"
+  percentile: float = 99.5
+  aug_level: float = 0.2
+  eta: float = 0.0
+
+  @classmethod
+  def from_config(cls, sample: ml_collections.ConfigDict) -> "StageSettings":
+    return cls(sampler=str(sample.sampler), num_steps=int(sample.num_steps),
+               guidance_scale=float(sample.guidance_scale),
+               threshold=str(sample.threshold),
+               percentile=float(sample.percentile),
+               aug_level=float(sample.aug_level), eta=float(sample.eta))
+
+  def check(self) -> None:
+    samplers_lib.check_sampler(self.sampler)
+    samplers_lib.check_num_steps(self.num_steps)
+
+
+_SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(StageSettings)}
+
+
+def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
+                     overrides: Optional[dict] = None) -> list[StageSettings]:
+  """Each stage's sampling settings: its config's ``sample`` section, then
+  ``overrides``.
+
+  Args:
+    stage_configs: the stages' configs, base first.
+    overrides: field -> value; a value is one setting for every stage or a
+      comma-separated string with one per stage ("50,25"); "" or None leaves
+      the stages' own.
+
+  Returns:
+    One ``StageSettings`` per stage.
+  """
+  out = []
+  for i, cfg in enumerate(stage_configs):
+    s = dataclasses.asdict(StageSettings.from_config(cfg.sample))
+    for name, value in (overrides or {}).items():
+      if name not in _SETTING_TYPES:
+        raise CascadeError(f"Unknown sampling setting {name!r}; choose from "
+                           f"{sorted(_SETTING_TYPES)}.")
+      if value is None or value == "":
+        continue
+      parts = str(value).split(",") if isinstance(value, str) else [value]
+      if len(parts) not in (1, len(stage_configs)):
+        raise CascadeError(f"{name}={value!r} gives {len(parts)} values for "
+                           f"{len(stage_configs)} stages; give one, or one per "
+                           "stage.")
+      v = parts[0] if len(parts) == 1 else parts[i]
+      if isinstance(v, str):
+        v = v.strip()
+      if v == "":
+        continue
+      kind = _SETTING_TYPES[name]
+      try:
+        s[name] = (int(v) if kind in (int, "int") else
+                   float(v) if kind in (float, "float") else str(v))
+      except ValueError:
+        raise CascadeError(f"{name}={v!r} is not a valid {kind}.") from None
+    settings = StageSettings(**s)
+    try:
+      settings.check()
+    except ValueError as e:
+      raise CascadeError(str(e)) from None
+    out.append(settings)
+  return out
+
+
+@dataclasses.dataclass
+class LoadedStage:
+  """A stage ready to sample: where it came from, its config, Stage, params."""
+  path: str
+  config: ml_collections.ConfigDict
+  stage: Stage
+  params: Any
+  text_encoder_spec: dict
+  step: Optional[int] = None
+
+  @property
+  def resolution(self) -> int:
+    return self.stage.resolution
+
+
+def _load_config_json(path: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(fileio.read_json(path))
+
+
+def load_stage(path: str, mesh: Mesh, use_ema: bool = True) -> LoadedStage:
+  """Loads a stage from a training workdir or an export directory."""
+  if not fileio.isdir(path):
+    raise CascadeError(f"Stage directory {path!r} does not exist.")
+  export = fileio.isfile(os.path.join(path, "stage.json"))
+  cfg_file = os.path.join(path, "stage.json" if export else "config.json")
+  if not fileio.isfile(cfg_file):
+    raise CascadeError(f"{path!r} is neither a training workdir (no config.json) "
+                       "nor an export (no stage.json).")
+  config = _load_config_json(cfg_file)
+  spec_file = os.path.join(path, "text_encoder.json")
+  spec = fileio.read_json(spec_file) if fileio.isfile(spec_file) else None
+  if not spec:
+    raise CascadeError(f"{path!r} records no text encoder (text_encoder.json); "
+                       "it cannot be sampled from text.")
+  stage = Stage.from_config(config)
+  boxed = jax.eval_shape(lambda: stage.unet.init(
+      jax.random.PRNGKey(0), **build.unet_inputs(config, 1, 4)))
+  shardings = parallel.param_shardings(boxed, mesh)["params"]
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(boxed)["params"])
+  step = None
+  if not export:
+    ckpt = os.path.join(path, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) \
+        if os.path.isdir(ckpt) else []
+    if not steps:
+      raise CascadeError(f"Training workdir {path!r} has no committed checkpoint "
+                         "yet; train it first.")
+    step = steps[-1]
+  params = ckpt_lib.restore_params(path, abstract, shardings, use_ema=use_ema)
+  return LoadedStage(path, config, stage, params, spec, step)
+
+
+def check_chain(stages: Sequence[LoadedStage], d_model: Optional[int] = None
+                ) -> None:
+  """Raises one clear line unless the stages form a cascade."""
+  if not stages:
+    raise CascadeError("A cascade needs at least one stage.")
+  if stages[0].stage.is_sr:
+    raise CascadeError(f"The first stage ({stages[0].path}) is a super-resolution "
+                       "stage; start with a base stage (or pass --start-image).")
+  for prev, cur in zip(stages, stages[1:]):
+    if not cur.stage.is_sr:
+      raise CascadeError(f"Stage {cur.path} is a base stage, but it follows "
+                         f"{prev.path}; only the first stage may be a base stage.")
+    if cur.stage.lowres_resolution != prev.resolution:
+      raise CascadeError(
+          f"Stage chain mismatch: {cur.path} expects {cur.stage.lowres_resolution}px "
+          f"inputs but {prev.path} produces {prev.resolution}px images.")
+  for s in stages:
+    width = int(s.config.model.text_dim)
+    if d_model is not None and width != d_model:
+      raise CascadeError(f"Stage {s.path} reads {width}-wide text embeddings but "
+                         f"the T5 encoder gives {d_model}; use the T5 it was "
+                         "trained with.")
+  ref = stages[0].text_encoder_spec
+  for s in stages[1:]:
+    try:
+      encoder_lib.check_same_encoder(ref, s.text_encoder_spec, s.path)
+    except ValueError as e:
+      raise CascadeError(str(e)) from None
+
+
+class Cascade:
+  """Text encoder + stages, with cached compiled samplers (see module doc)."""
+
+  def __init__(self, stages: Sequence[LoadedStage],
+               text_encoder: encoder_lib.TextEncoder, mesh: Mesh):
+    check_chain(stages, text_encoder.d_model)
+    self.stages = list(stages)
+    self.text_encoder = text_encoder
+    self.mesh = mesh
+    self._compiled: dict = {}
+    self.compilations = 0
+    self._bar = None
+
+  @classmethod
+  def load(cls, stage_dirs: Sequence[str], *, t5: Optional[str] = None,
+           use_ema: bool = True, mesh: Optional[Mesh] = None,
+           mesh_shape: Sequence[int] = (-1, 1, 1)) -> "Cascade":
+    """Loads stages and the T5 they were trained with.
+
+    Args:
+      stage_dirs: training workdirs or exports, base stage first.
+      t5: None (rebuild the T5 the stages record), a JSON spec file, or a
+        Hugging Face directory; a T5 that differs from the recorded one is
+        refused.
+      use_ema: EMA params (default) or the raw training params.
+      mesh: device mesh; default: all devices with ``mesh_shape``.
+      mesh_shape: (data, fsdp, tensor) when no mesh is given.
+
+    Returns:
+      The cascade.
+    """
+    mesh = mesh or parallel.make_mesh(mesh_shape)
+    stages = [load_stage(d, mesh, use_ema) for d in stage_dirs]
+    check_chain(stages)
+    spec = stages[0].text_encoder_spec
+    if t5 is None:
+      enc = encoder_lib.TextEncoder.from_spec(spec, mesh=mesh)
+    elif fileio.isfile(t5) and t5.endswith(".json"):
+      enc = encoder_lib.TextEncoder.from_spec(fileio.read_json(t5), mesh=mesh)
+    elif fileio.isdir(t5):
+      enc = encoder_lib.TextEncoder.from_hf(t5, max_length=spec["max_length"],
+                                            mesh=mesh)
+    else:
+      raise CascadeError(f"--t5 {t5!r} is neither a T5 spec .json nor a Hugging "
+                         "Face checkpoint directory.")
+    try:
+      encoder_lib.check_same_encoder(spec, enc.spec, f"--t5 {t5}")
+    except ValueError as e:
+      raise CascadeError(str(e)) from None
+    return cls(stages, enc, mesh)
+
+  # --- sampling -------------------------------------------------------------------
+
+  def _step_done(self, i) -> None:
+    """Host callback from inside the compiled loop: advance the bar.
+
+    Sharded loops may call it once per device; the bar only moves forward.
+    """
+    bar = self._bar
+    if bar is not None and int(i) + 1 > bar.n:
+      bar.update(int(i) + 1 - bar.n)
+
+  def _sampler(self, index: int, settings: StageSettings, batch: int,
+               guided: bool, start_logsnr: Optional[float], progress: bool):
+    """The compiled sampling loop of a stage (cached; counts compilations)."""
+    key = (index, settings, batch, guided, start_logsnr, progress)
+    if key not in self._compiled:
+      self.compilations += 1
+      stage = self.stages[index].stage
+      s = settings
+
+      def run(params, text, mask, neg_text, neg_mask, rng, lowres, init):
+        kw = {}
+        if stage.is_sr:
+          kw["lowres"] = lowres
+        if guided:
+          kw["negative_text"], kw["negative_mask"] = neg_text, neg_mask
+        if start_logsnr is not None:
+          kw["init_image"], kw["start_logsnr"] = init, start_logsnr
+        return to_uint8_image(stage.sample(
+            params, text, mask, rng, sampler=s.sampler, num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale if guided else 1.0,
+            threshold=s.threshold, percentile=s.percentile,
+            aug_level=s.aug_level, eta=s.eta,
+            progress_fn=self._step_done if progress else None, **kw))
+
+      batch_sh = {n: parallel.batch_sharding(self.mesh, n) for n in (2, 3, 4)}
+      self._compiled[key] = jax.jit(run, out_shardings=batch_sh[4])
+    return self._compiled[key]
+
+  def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+    """T5 embeddings of prompts (see ``TextEncoder.encode``)."""
+    return self.text_encoder.encode(list(prompts))
+
+  def sample(self, prompts: Sequence[str], *, settings: Sequence[StageSettings],
+             num_samples: int = 1, seed: int = 0,
+             negative_prompts: Optional[Sequence[str]] = None,
+             stop_after: Optional[int] = None,
+             start_image: Optional[np.ndarray] = None, start_stage: int = 0,
+             start_noise_level: Optional[float] = None,
+             progress: bool = False) -> list[np.ndarray]:
+    """Runs the cascade; returns every stage's images (uint8).
+
+    Args:
+      prompts: P captions.
+      settings: one ``StageSettings`` per stage.
+      num_samples: images per prompt (N = P x num_samples, prompt-major).
+      seed: fixes every draw; the same seed gives the same images bit for bit.
+      negative_prompts: guide away from these (one per prompt) instead of the
+        null text.
+      stop_after: index of the last stage to run (default: all).
+      start_image: ``[P or N, h, w, 3]`` uint8 images to super-resolve,
+        entering at ``start_stage`` (an SR stage) as its low-res input.
+      start_stage: the stage the cascade starts at.
+      start_noise_level: for a *base* start stage with ``start_image``:
+        img2img from that image noised to this t in (0, 1].
+      progress: a progress bar per stage (steps, steps/s).
+
+    Returns:
+      A list with one ``[N, R_i, R_i, 3]`` uint8 array per stage run.
+    """
+    last = len(self.stages) - 1 if stop_after is None else int(stop_after)
+    if not 0 <= start_stage <= last < len(self.stages):
+      raise CascadeError(f"Stages {start_stage}..{last} do not exist in a "
+                         f"{len(self.stages)}-stage cascade.")
+    if len(settings) < last + 1:
+      raise CascadeError(f"Got sampling settings for {len(settings)} stages, "
+                         f"need {last + 1}.")
+    for s in settings:
+      try:
+        s.check()
+      except ValueError as e:
+        raise CascadeError(str(e)) from None
+    prompts = list(prompts)
+    n = len(prompts) * num_samples
+    expand = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
+    text, mask = self.encode(prompts)
+    text, mask = expand(text), expand(mask)
+    if negative_prompts is not None:
+      if len(negative_prompts) != len(prompts):
+        raise CascadeError(f"{len(negative_prompts)} negative prompts for "
+                           f"{len(prompts)} prompts; give one per prompt.")
+      neg_text, neg_mask = self.encode(negative_prompts)
+      neg_text, neg_mask = expand(neg_text), expand(neg_mask)
+    else:
+      neg_text, neg_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
+    # The batch must split evenly over the data axes: pad, then drop.
+    shards = parallel.data_parallel_size(self.mesh)
+    pad = (-n) % shards
+    def padded(x):
+      return jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) if pad else x
+    text, mask, neg_text, neg_mask = map(padded, (text, mask, neg_text, neg_mask))
+    total = n + pad
+    sh = {k: parallel.batch_sharding(self.mesh, k) for k in (2, 3, 4)}
+    text, neg_text = jax.device_put(text, sh[3]), jax.device_put(neg_text, sh[3])
+    mask, neg_mask = jax.device_put(mask, sh[2]), jax.device_put(neg_mask, sh[2])
+
+    images = None
+    if start_image is not None:
+      img = np.asarray(start_image)
+      if img.shape[0] == len(prompts) and num_samples > 1:
+        img = np.repeat(img, num_samples, axis=0)
+      if img.shape[0] != n:
+        raise CascadeError(f"start_image has {img.shape[0]} images for {n} "
+                           "samples; give one per prompt or per sample.")
+      st = self.stages[start_stage].stage
+      want = st.lowres_resolution if st.is_sr else st.resolution
+      if img.shape[1:3] != (want, want):
+        raise CascadeError(f"start_image is {img.shape[1]}x{img.shape[2]} but "
+                           f"stage {start_stage} takes {want}x{want} inputs.")
+      images = jnp.asarray(padded(jnp.asarray(img, jnp.uint8)))
+    outputs = []
+    root = jax.random.PRNGKey(seed)
+    for i in range(start_stage, last + 1):
+      s = settings[i]
+      stage = self.stages[i].stage
+      guided = s.guidance_scale != 1.0 or negative_prompts is not None
+      start_logsnr = None
+      init = jnp.zeros((total, 1, 1, 3), jnp.uint8)
+      lowres = jnp.zeros((total, 1, 1, 3), jnp.uint8)
+      if stage.is_sr:
+        if images is None:
+          raise CascadeError(f"Stage {i} is a super-resolution stage and has no "
+                             "input: run the stage before it or pass start_image.")
+        lowres = images
+      elif images is not None and start_noise_level is not None:
+        start_logsnr = float(stage.logsnr_schedule()(jnp.float32(start_noise_level)))
+        init = images
+      fn = self._sampler(i, s, total, guided, start_logsnr, progress)
+      if progress:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        self._bar = tqdm(total=s.num_steps, unit="step", dynamic_ncols=True,
+                         desc=f"stage {i} ({stage.resolution}px, {total} images)")
+      try:
+        with parallel.sharding_context(self.mesh):
+          images = fn(self.stages[i].params, text, mask, neg_text, neg_mask,
+                      jax.random.fold_in(root, i), lowres, init)
+        images = jax.block_until_ready(images)
+        jax.effects_barrier()  # every step callback has run
+      finally:
+        if self._bar is not None:
+          self._bar.close()
+          self._bar = None
+      outputs.append(np.asarray(jax.device_get(images))[:n])
+    return outputs
+
+
+def export_stage(workdir: str, out_dir: str, use_ema: bool = True,
+                 mesh: Optional[Mesh] = None) -> str:
+  """Writes a stage's (EMA) params alone, with its config, in orbax format.
+
+  The export holds ``params/`` (orbax), ``stage.json`` (the run's config) and
+  ``text_encoder.json``: no optimizer state, a fraction of a checkpoint's size.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mesh = mesh or parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  loaded = load_stage(workdir, mesh, use_ema)
+  fileio.makedirs(out_dir)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(os.path.join(out_dir, "params")), loaded.params,
+             force=True)
+  ckptr.wait_until_finished()
+  config = json.loads(loaded.config.to_json_best_effort())
+  config["exported_from"] = {"workdir": os.path.abspath(workdir),
+                             "step": loaded.step, "ema": use_ema}
+  fileio.write_json(os.path.join(out_dir, "stage.json"), config)
+  fileio.write_json(os.path.join(out_dir, "text_encoder.json"),
+                    loaded.text_encoder_spec)
+  return out_dir
+
+
+def float_images(x: np.ndarray) -> jax.Array:
+  """uint8 images to [-1, 1] floats (for users feeding their own images)."""
+  return to_float_image(jnp.asarray(x))

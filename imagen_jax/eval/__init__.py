@@ -1,0 +1,1 @@
+"""Alignment metrics for the built-in datasets and prompt suites."""
