@@ -121,13 +121,13 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
   config.sr = _sr_stage(256)
   config.eval = ml_collections.ConfigDict(dict(
       seed=0,
-      per_category=24,     # prompts per suite category (shapes) / per digit / 10
+      per_category=24,     # prompts per suite category (shapes) or per digit
       num_samples=1,       # images per prompt
       batch_size=64,       # prompts sampled at once
   ))
   if arg == "digits":
     config.data.num_examples = 0   # digits: the fixed training split
-    config.eval.per_category = 20
+    config.eval.per_category = 10     # prompts per digit
   if arg == "quick":
     text.t5 = "tiny"
     data.num_examples = 256

@@ -245,3 +245,47 @@ def test_digits_classifier_ceiling_and_floor():
   noise = rs.randint(0, 255, (200, 32, 32, 3)).astype(np.uint8)
   labels = np.arange(200) % 10
   assert digits_eval.score(noise, labels) <= 0.25
+
+
+def test_suites_and_scoring_on_real_images():
+  """The suites' scoring gives the evaluators' ceilings on real images."""
+  from imagen_jax.eval import suite  # pylint: disable=g-import-not-at-top
+  data = helpers.load_config("demo", "digits").data
+  prompts = suite.suite_for(data, 3)
+  assert len(prompts) == 30 and prompts[0].text == "a handwritten digit zero"
+  idx = digits.split_indices("test")
+  by_label = {}
+  for i in idx:
+    s, label = digits.scan(int(i))
+    by_label.setdefault(label, []).append(digits.render(s, 64))
+  images = np.stack([by_label[p.spec["digit"]][k % 3]
+                     for k, p in enumerate(prompts)])
+  rep = suite.score_digits(images, prompts)
+  assert rep["digits"]["accuracy"] >= 0.9 and rep["digits"]["ceiling"] >= 0.95
+  shapes_data = helpers.load_config("demo", "shapes").data
+  sp = suite.shapes_suite(shapes_data, 4)
+  assert [p.category for p in sp].count("holdout") == 4
+  assert all(not p.seen for p in sp if p.category == "holdout")
+  holdout = shapes.parse_holdout(shapes_data.holdout)
+  assert not any((o["color"], o["shape"]) in holdout
+                 for p in sp if p.category == "relation"
+                 for o in (p.spec["a"], p.spec["b"]))
+  rendered = np.stack([_render_prompt(p, shapes_data) for p in sp])
+  rep = suite.score_shapes(rendered, sp)
+  assert rep["shapes"]["all_correct"] >= 0.99
+
+
+def _render_prompt(p, data):
+  """The scene a suite prompt was drawn from, rendered at 64 px."""
+  holdout = shapes.parse_holdout(data.holdout)
+  seed = int(data.render_seed)
+  for split in ("test", "holdout"):
+    for j in range(0, 4):
+      for i in range(50):
+        idx = 1_000_000 * j + i if split == "test" else i
+        sc = shapes.scene(seed, idx, int(data.render_resolution), split,
+                          holdout if split == "holdout" else frozenset(),
+                          kind=p.kind if split == "test" else None)
+        if sc.caption == p.text and sc.spec == p.spec:
+          return shapes.render(sc, 64)
+  raise AssertionError(f"scene of {p.text!r} not found")

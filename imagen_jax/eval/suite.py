@@ -77,8 +77,7 @@ def suite_for(data, per_category: int) -> list[Prompt]:
   if data.source == "shapes":
     return shapes_suite(data, per_category)
   if data.source == "digits":
-    return digits_suite(max(1, per_category // 10) if per_category >= 10
-                        else per_category)
+    return digits_suite(per_category)   # per_category prompts per digit
   raise ValueError(f"No alignment suite for data.source {data.source!r}; the "
                    "benchmark covers the built-in datasets shapes and digits.")
 
