@@ -68,16 +68,7 @@ def get_config(arg: str = "paper"):
   elif arg == "tiny":
     config.resolution = 32
     config.lowres_resolution = 8
-    m.base_channels = 16
-    m.channel_mult = (1, 2)
-    m.num_res_blocks = (1, 2)
-    m.self_attn = (False, True)
-    m.cross_attn = (False, True)
-    m.head_dim = 16
-    m.text_dim = 32
-    m.cond_dim = 32
-    m.num_groups = 8
-    m.dtype = "float32"
+    config_defaults.use_tiny_unet(config, num_res_blocks=(1, 2))
     config_defaults.use_random_t5(config, "tiny", max_length=16)
     config_defaults.use_cpu_training(config, steps=100, batch=8, lr=2e-3)
     config.sample.sampler = "ddim"

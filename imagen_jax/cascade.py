@@ -286,8 +286,8 @@ class Cascade:
             aug_level=s.aug_level, eta=s.eta,
             progress_fn=self._step_done if progress else None, **kw))
 
-      batch_sh = {n: parallel.batch_sharding(self.mesh, n) for n in (2, 3, 4)}
-      self._compiled[key] = jax.jit(run, out_shardings=batch_sh[4])
+      self._compiled[key] = jax.jit(
+          run, out_shardings=parallel.batch_sharding(self.mesh, 4))
     return self._compiled[key]
 
   def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
@@ -353,9 +353,10 @@ class Cascade:
       return jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) if pad else x
     text, mask, neg_text, neg_mask = map(padded, (text, mask, neg_text, neg_mask))
     total = n + pad
-    sh = {k: parallel.batch_sharding(self.mesh, k) for k in (2, 3, 4)}
-    text, neg_text = jax.device_put(text, sh[3]), jax.device_put(neg_text, sh[3])
-    mask, neg_mask = jax.device_put(mask, sh[2]), jax.device_put(neg_mask, sh[2])
+    emb_sh = parallel.batch_sharding(self.mesh, 3)    # [N, L, D]
+    mask_sh = parallel.batch_sharding(self.mesh, 2)   # [N, L]
+    text, neg_text = jax.device_put(text, emb_sh), jax.device_put(neg_text, emb_sh)
+    mask, neg_mask = jax.device_put(mask, mask_sh), jax.device_put(neg_mask, mask_sh)
 
     images = None
     if start_image is not None:

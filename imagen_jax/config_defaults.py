@@ -165,6 +165,25 @@ def base() -> ml_collections.ConfigDict:
   return config
 
 
+def use_tiny_unet(config: ml_collections.ConfigDict,
+                  num_res_blocks: tuple = (1, 1)) -> None:
+  """A ~0.1-0.2M-param U-Net (2 levels, attention at the lower one) for tests.
+
+  Float32 compute and 32-wide text input: pair it with the "tiny" T5.
+  """
+  m = config.model
+  m.base_channels = 16
+  m.channel_mult = (1, 2)
+  m.num_res_blocks = tuple(num_res_blocks)
+  m.self_attn = (False, True)
+  m.cross_attn = (False, True)
+  m.head_dim = 16
+  m.text_dim = 32
+  m.cond_dim = 32
+  m.num_groups = 8
+  m.dtype = "float32"
+
+
 def use_random_t5(config: ml_collections.ConfigDict, size: str,
                   max_length: int) -> None:
   """Points ``config.text`` at a random-weight T5 with the demo vocabulary.

@@ -136,16 +136,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     config.embed.batch_size = 64
     config.embed.shard_size = 128
     for c, steps in ((config.base, 30), (config.sr, 20)):
-      m = c.model
-      m.base_channels = 16
-      m.num_groups = 8
-      m.head_dim = 16
-      m.cond_dim = 32
-      m.text_dim = 32
-      m.channel_mult = (1, 2)
-      m.num_res_blocks = (1, 1)
-      m.self_attn = (False, True)
-      m.cross_attn = (False, True)
+      config_defaults.use_tiny_unet(c)
       c.total_steps = steps
       c.batch_size = 8
       c.log_every = 10

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -63,7 +64,6 @@ def run_as_cli(prog: str, fn, *args, **kwargs) -> int:
   a line saying the state was saved, 75 (run the same command again).
   """
   from imagen_jax import cli  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   try:
     fn(*args, **kwargs)
   except ConfigError as e:
