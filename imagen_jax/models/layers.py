@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models.group_norm import group_norm_act
+
 Dtype = Any
 
 DEFAULT_INIT = nn.initializers.lecun_normal()
@@ -69,37 +71,31 @@ def conv(features: int, dtype: Dtype, *, kernel: int = 3, strides: int = 1,
 class GroupNorm(nn.Module):
   """GroupNorm over ``[B, H, W, C]`` with float32 statistics.
 
-  Statistics are reduced in two stages, per channel over H x W and then per
-  group over its channels, and the normalisation is folded into one
-  per-channel scale and shift. This is the same math as flax's GroupNorm, but
-  its backward pass is ~2x faster on XLA:CPU, where reductions that keep the
-  group axis in the middle are slow.
+  Optionally fused with FiLM conditioning and a SiLU: ``__call__(x, film,
+  activation)`` returns ``act(norm(x) * gamma * (1 + s) + beta * (1 + s) + t)``
+  for FiLM ``(s, t)``, computed by ``group_norm.group_norm_act`` whose
+  hand-written backward pass replaces the several full-size reductions of
+  autodiff with two (about 2x faster training steps on XLA:CPU).
   """
   num_groups: int = 32
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    groups = self.num_groups
-    if c % groups:
-      raise ValueError(f"GroupNorm: {c} channels are not divisible into "
-                       f"{groups} groups; set num_groups to a divisor of {c}.")
+  def __call__(self, x: jax.Array,
+               film: Optional[tuple[jax.Array, jax.Array]] = None,
+               activation: Optional[str] = None) -> jax.Array:
+    # x: [B, H, W, C]; film: ([B, C], [B, C]) scale and shift
+    c = x.shape[-1]
     scale = self.param("scale", partitioned(ONES, ("norm",)), (c,))
     bias = self.param("bias", partitioned(ZEROS, ("norm",)), (c,))
-    xf = x.reshape(b, h * w, c).astype(jnp.float32)
-    count = h * w * (c // groups)
-    mean = jnp.sum(xf, axis=1).reshape(b, groups, -1).sum(-1) / count  # [B, G]
-    mean_sq = jnp.sum(jnp.square(xf), axis=1).reshape(b, groups, -1).sum(-1) / count
-    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-                        + self.epsilon)
-    inv = jnp.repeat(inv, c // groups, axis=1)    # [B, C]
-    mean = jnp.repeat(mean, c // groups, axis=1)  # [B, C]
-    a = inv * scale
-    shift = bias - mean * a
-    y = x.astype(jnp.float32) * a[:, None, None, :] + shift[:, None, None, :]
-    return y.astype(self.dtype)
+    if film is not None:
+      film_scale, film_shift = (f.astype(jnp.float32) for f in film)
+      bias = bias * (1.0 + film_scale) + film_shift   # [B, C]
+      scale = scale * (1.0 + film_scale)              # [B, C]
+    return group_norm_act(x, scale, bias, num_groups=self.num_groups,
+                          epsilon=self.epsilon, activation=activation,
+                          dtype=self.dtype)
 
 
 def group_norm(num_groups: int, dtype: Dtype, name=None) -> GroupNorm:
@@ -151,11 +147,18 @@ class NoiseLevelMLP(nn.Module):
                  name="dense_1")(emb)
 
 
+def film_params(channels: int, emb: jax.Array, dtype: Dtype, name: str
+                ) -> tuple[jax.Array, jax.Array]:
+  """FiLM scale and shift ``[B, C]`` each, projected from ``emb`` ``[B, E]``."""
+  params = dense(2 * channels, dtype, name=name)(nn.silu(emb))
+  scale, shift = jnp.split(params, 2, axis=-1)
+  return scale, shift
+
+
 def film(x: jax.Array, emb: jax.Array, dtype: Dtype, name: str) -> jax.Array:
   """Scale-shift (FiLM) modulation of ``[B, H, W, C]`` features by ``[B, E]``."""
-  params = dense(2 * x.shape[-1], dtype, name=name)(nn.silu(emb))
-  scale, shift = jnp.split(params[:, None, None, :], 2, axis=-1)
-  return x * (1.0 + scale) + shift
+  scale, shift = film_params(x.shape[-1], emb, dtype, name)
+  return x * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
 
 
 class ResBlock(nn.Module):
@@ -175,13 +178,15 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     # x: [B, H, W, Cin]; emb: [B, E]
-    h = nn.silu(group_norm(self.num_groups, self.dtype, name="norm_0")(x))
+    h = group_norm(self.num_groups, self.dtype, name="norm_0")(
+        x, activation="silu")
     h = conv(self.features, self.dtype, name="conv_0")(h)
     h = constrain_image(h)
-    h = group_norm(self.num_groups, self.dtype, name="norm_1")(h)
-    if self.use_film:
-      h = film(h, emb, self.dtype, "film")
-    h = nn.silu(h)
+    # FiLM folds into the norm's affine: one fused norm-scale-shift-SiLU.
+    mod = (film_params(self.features, emb, self.dtype, "film")
+           if self.use_film else None)
+    h = group_norm(self.num_groups, self.dtype, name="norm_1")(
+        h, film=mod, activation="silu")
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     # Zero-init of the last conv makes each block start as the identity.
     h = conv(self.features, self.dtype, kernel_init=ZEROS, name="conv_1")(h)

@@ -222,7 +222,8 @@ class UNet(nn.Module):
     else:
       h = self._standard(h, widths, num_blocks, res_block, attn_block)
 
-    h = nn.silu(layers.group_norm(self.num_groups, dtype, name="norm_out")(h))
+    h = layers.group_norm(self.num_groups, dtype, name="norm_out")(
+        h, activation="silu")
     out = layers.conv(self.out_channels or self.in_channels, dtype,
                       kernel_init=layers.ZEROS, name="conv_out")(h)
     return out.astype(jnp.float32)

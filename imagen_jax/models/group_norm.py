@@ -1,0 +1,158 @@
+"""GroupNorm fused with its per-channel affine and activation, with a hand VJP.
+
+``group_norm_act(x, scale, shift)`` computes
+
+    act(GroupNorm(x) * scale + shift)        x: [B, H, W, C]; scale, shift: [B, C]
+
+where ``scale`` / ``shift`` already fold the norm's own parameters together
+with any FiLM conditioning (``gamma * (1 + s)``, ``beta * (1 + s) + t``).
+
+Why a custom VJP: autodiff of the plain formula differentiates the mean and
+the variance paths separately, and XLA then re-fuses the elementwise chain
+(normalise, FiLM, SiLU) into each of five to seven full-size reductions. On
+XLA:CPU those reductions were ~40% of a U-Net training step. The closed-form
+backward needs two reductions over H x W (of ``g`` and ``g * xhat``, where
+``g`` is the incoming gradient through the activation); the group means of
+``dxhat`` and ``dxhat * xhat`` follow from those two [B, C] sums, so ``dx`` is
+one more elementwise pass:
+
+    dx = rstd * (g * scale - mean_group(g * scale) - xhat * mean_group(g * scale * xhat))
+
+Only ``x`` and the [B, G] statistics are kept for the backward pass (the same
+activation memory as autodiff keeps). Statistics and arithmetic are float32
+whatever the input dtype; the output has ``dtype``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = (None, "silu")
+
+
+def _group_stats(xf: jax.Array, groups: int, eps: float
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Per-(example, group) mean and 1/std of ``xf`` ``[B, N, C]`` float32."""
+  b, n, c = xf.shape
+  count = n * (c // groups)
+  # Reduce over N per channel first, then over the group's channels: XLA:CPU
+  # is slow at reductions that keep a middle (group) axis.
+  s1 = jnp.sum(xf, axis=1).reshape(b, groups, -1).sum(-1)            # [B, G]
+  s2 = jnp.sum(jnp.square(xf), axis=1).reshape(b, groups, -1).sum(-1)  # [B, G]
+  mean = s1 / count
+  var = jnp.maximum(s2 / count - jnp.square(mean), 0.0)
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+def _per_channel(v: jax.Array, c: int) -> jax.Array:
+  """[B, G] -> [B, C]: each group's value repeated over its channels."""
+  return jnp.repeat(v, c // v.shape[1], axis=1)
+
+
+def _affine(mean, rstd, scale, shift, c):
+  """Folds stats and affine into y = x * a + b per (example, channel)."""
+  rstd_c = _per_channel(rstd, c)                     # [B, C]
+  mean_c = _per_channel(mean, c)                     # [B, C]
+  a = rstd_c * scale
+  return a, shift - mean_c * a, mean_c, rstd_c
+
+
+def _activate(u: jax.Array, act: Optional[str]) -> jax.Array:
+  return u * jax.nn.sigmoid(u) if act == "silu" else u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused(x, scale, shift, groups, eps, act, dtype):
+  y, _ = _fused_fwd(x, scale, shift, groups, eps, act, dtype)
+  return y
+
+
+def _fused_fwd(x, scale, shift, groups, eps, act, dtype):
+  c = x.shape[-1]
+  xf = x.astype(jnp.float32)                         # [B, N, C]
+  mean, rstd = _group_stats(xf, groups, eps)
+  a, b, _, _ = _affine(mean, rstd, scale, shift, c)
+  u = xf * a[:, None, :] + b[:, None, :]
+  return _activate(u, act).astype(dtype), (x, mean, rstd, scale, shift)
+
+
+def _fused_bwd(groups, eps, act, dtype, res, dy):
+  del eps, dtype
+  x, mean, rstd, scale, shift = res
+  c = x.shape[-1]
+  n = x.shape[1]
+  xf = x.astype(jnp.float32)                         # [B, N, C]
+  a, b, mean_c, rstd_c = _affine(mean, rstd, scale, shift, c)
+  g = dy.astype(jnp.float32)
+  if act == "silu":
+    u = xf * a[:, None, :] + b[:, None, :]
+    sig = jax.nn.sigmoid(u)
+    g = g * sig * (1.0 + u * (1.0 - sig))
+  xhat = (xf - mean_c[:, None, :]) * rstd_c[:, None, :]
+  d_shift = jnp.sum(g, axis=1)                       # [B, C]
+  d_scale = jnp.sum(g * xhat, axis=1)                # [B, C]
+  count = n * (c // groups)
+  bsz = x.shape[0]
+  # Group means of dxhat = g * scale and of dxhat * xhat, from the [B, C] sums.
+  m1 = (scale * d_shift).reshape(bsz, groups, -1).sum(-1) / count  # [B, G]
+  m2 = (scale * d_scale).reshape(bsz, groups, -1).sum(-1) / count  # [B, G]
+  m1_c, m2_c = _per_channel(m1, c), _per_channel(m2, c)
+  # dx = rstd * (g * scale - m1 - xhat * m2), folded into g * k + x * k1 + k0.
+  k = rstd_c * scale
+  k1 = -jnp.square(rstd_c) * m2_c
+  k0 = -rstd_c * m1_c - mean_c * k1
+  dx = g * k[:, None, :] + xf * k1[:, None, :] + k0[:, None, :]
+  return dx.astype(x.dtype), d_scale, d_shift
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def group_norm_act(x: jax.Array, scale: jax.Array, shift: jax.Array, *,
+                   num_groups: int, epsilon: float = 1e-5,
+                   activation: Optional[str] = None, dtype: Any = None
+                   ) -> jax.Array:
+  """act(GroupNorm(x) * scale + shift) with float32 statistics.
+
+  Args:
+    x: ``[B, H, W, C]`` features (any float dtype).
+    scale: ``[C]`` or ``[B, C]`` multiplier of the normalised features.
+    shift: ``[C]`` or ``[B, C]`` offset added after the scale.
+    num_groups: number of channel groups; must divide C.
+    epsilon: added to the variance.
+    activation: None or "silu".
+    dtype: output dtype (default: that of ``x``).
+
+  Returns:
+    ``[B, H, W, C]`` in ``dtype``.
+  """
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"group_norm_act: activation={activation!r}; use one of "
+                     f"{ACTIVATIONS}.")
+  bsz, h, w, c = x.shape
+  if c % num_groups:
+    raise ValueError(f"GroupNorm: {c} channels are not divisible into "
+                     f"{num_groups} groups; set num_groups to a divisor of {c}.")
+  scale = jnp.broadcast_to(scale.astype(jnp.float32), (bsz, c))
+  shift = jnp.broadcast_to(shift.astype(jnp.float32), (bsz, c))
+  y = _fused(x.reshape(bsz, h * w, c), scale, shift, num_groups,
+             float(epsilon), activation, jnp.dtype(dtype or x.dtype))
+  return y.reshape(bsz, h, w, c)
+
+
+def group_norm_act_reference(x, scale, shift, *, num_groups, epsilon=1e-5,
+                             activation=None, dtype=None):
+  """The same function written plainly (autodiff backward), for tests."""
+  bsz, h, w, c = x.shape
+  xf = x.astype(jnp.float32).reshape(bsz, h, w, num_groups, c // num_groups)
+  mean = xf.mean(axis=(1, 2, 4), keepdims=True)
+  var = xf.var(axis=(1, 2, 4), keepdims=True)
+  xhat = ((xf - mean) * jax.lax.rsqrt(var + epsilon)).reshape(bsz, h, w, c)
+  scale = jnp.broadcast_to(scale.astype(jnp.float32), (bsz, c))
+  shift = jnp.broadcast_to(shift.astype(jnp.float32), (bsz, c))
+  u = xhat * scale[:, None, None, :] + shift[:, None, None, :]
+  return _activate(u, activation).astype(dtype or x.dtype)
