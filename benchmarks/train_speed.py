@@ -10,7 +10,12 @@
    at per-device batch 32 on the sharding of one 8-chip host (mesh
    data=1 x fsdp=8), with and without remat: ``compiled.memory_analysis()``
    of the train step lowered on abstract inputs (nothing is allocated).
-   Needs 8 (virtual) devices.
+   By default compiled by XLA:CPU on 8 virtual devices, whose scheduler does
+   not model remat's savings; with ``--paper-topology=v5p:2x2x2`` it is
+   compiled ahead of time by the TPU compiler for 8 chips of that topology,
+   on this CPU-only machine (needs ``libtpu``, which jax pins, in a separate
+   environment: ``bash benchmarks/setup_tpu_aot_env.sh``). That is the real
+   accelerator compiler's buffer assignment, not an extrapolation.
 3. Checkpoint stall: time the step loop is blocked by an async save vs the
    save's full duration, for the cpu base stage.
 
@@ -88,10 +93,17 @@ def cpu_throughput(name, batch, peak):
           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10]
 
 
-def paper_memory(remat: str, per_device_batch: int):
+def tpu_topology_devices(name: str) -> list:
+  """The devices of a TPU topology for ahead-of-time compiles (no TPU needed)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return list(topologies.get_topology_desc(platform="tpu",
+                                           topology_name=name).devices)
+
+
+def paper_memory(remat: str, per_device_batch: int, devices=None):
   config = helpers.load_config("base64", "paper")
   config.model.remat = remat
-  devices = jax.devices()[:8]
+  devices = (devices or jax.devices())[:8]
   mesh = parallel.make_mesh((1, 8, 1), devices)
   config.batch_size = per_device_batch * 8
   stage, tx, lr, abstract, sh = _setup(config, mesh)
@@ -107,7 +119,8 @@ def paper_memory(remat: str, per_device_batch: int):
   mem = compiled.memory_analysis()
   total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
            + mem.output_size_in_bytes - mem.alias_size_in_bytes)
-  return [f"base64:paper remat={remat}", per_device_batch,
+  return [f"base64:paper remat={remat}", devices[0].device_kind,
+          per_device_batch,
           mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30,
           total / 2**30, "yes" if total < 80 * 2**30 else "NO",
           time.perf_counter() - t]
@@ -122,7 +135,11 @@ def checkpoint_stall():
   rows = []
   with tempfile.TemporaryDirectory() as d:
     ck = Checkpointer(d, max_to_keep=10)
-    for i in range(1, 4):
+    # As the train loop does at start: compile the snapshot copy up front.
+    ck.prepare(state)
+    if ck._compiled_snapshot is not None:  # pylint: disable=protected-access
+      ck._compiled_snapshot.result()  # pylint: disable=protected-access
+    for i in range(1, 5):
       t0 = time.perf_counter()
       ck.save(i, state, {"data_position": i})
       blocked = time.perf_counter() - t0
@@ -139,25 +156,43 @@ def checkpoint_stall():
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--skip-paper", action="store_true")
+  parser.add_argument("--paper-topology", default="",
+                      help="compile the paper-scale step for this TPU "
+                      "topology (e.g. v5p:2x2x2) instead of XLA:CPU")
+  parser.add_argument("--remat", default="none,full",
+                      help="remat policies for the paper-scale estimate")
+  parser.add_argument("--paper-batch", type=int, default=32,
+                      help="per-device batch of the paper-scale estimate")
+  parser.add_argument("--only-paper", action="store_true")
   args = parser.parse_args()
   print(common.machine_line())
-  peak = common.matmul_peak_flops()
-  rows = [cpu_throughput("base64", 8, peak), cpu_throughput("sr256", 8, peak)]
-  print(f"\n1. CPU-scale train step, one device; matmul peak {peak / 1e9:.1f} GFLOP/s")
-  common.print_table(["config", "params", "batch", "steps/s", "images/s",
-                      "TFLOP/s", "of matmul peak", "XLA mem MiB",
-                      "peak RSS MiB"], rows)
+  if not args.only_paper:
+    peak = common.matmul_peak_flops()
+    rows = [cpu_throughput("base64", 8, peak), cpu_throughput("sr256", 8, peak)]
+    print(f"\n1. CPU-scale train step, one device; matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    common.print_table(["config", "params", "batch", "steps/s", "images/s",
+                        "TFLOP/s", "of matmul peak", "XLA mem MiB",
+                        "peak RSS MiB"], rows)
   if not args.skip_paper:
-    if len(jax.devices()) < 8:
+    devices = (tpu_topology_devices(args.paper_topology)
+               if args.paper_topology else jax.devices())
+    if len(devices) < 8:
       print("\n2. skipped: needs 8 devices "
             "(XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     else:
-      rows = [paper_memory(r, 32) for r in ("none", "full")]
-      print("\n2. Paper base stage (2.0B, Adafactor + EMA, bf16), per-device "
-            "batch 32, mesh data=1 x fsdp=8; compiled estimate per device (GiB)")
-      common.print_table(["config", "batch/device", "args (state+batch)",
-                          "temp (activations)", "total", "fits 80 GB",
-                          "compile s"], rows)
+      rows = [paper_memory(r, args.paper_batch, devices)
+              for r in args.remat.split(",")]
+      target = (f"TPU compiler, {args.paper_topology}" if args.paper_topology
+                else "XLA:CPU")
+      print(f"\n2. Paper base stage (2.0B, Adafactor + EMA, bf16), per-device "
+            f"batch {args.paper_batch}, mesh data=1 x fsdp=8; compiled "
+            f"estimate per device (GiB), {target}")
+      common.print_table(["config", "device", "batch/device",
+                          "args (state+batch)", "temp (activations)", "total",
+                          "fits 80 GB", "compile s"], rows)
+  if args.only_paper:
+    return
   rows = checkpoint_stall()
   print("\n3. Async checkpoint of the cpu base stage: loop blocked vs full save")
   common.print_table(["save", "MiB", "blocked s", "save s", "stall fraction"],

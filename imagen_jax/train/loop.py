@@ -244,6 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           jnp.copy, params))
       logging.info("initialised params from %s", config.init_from)
   start_step = int(jax.device_get(state.step))
+  ckpt.prepare(state)
 
   step_fn = make_train_step(stage, tx, lr_schedule, config, mesh, shardings)
   writer = metrics_lib.create_writer(workdir)
