@@ -192,3 +192,48 @@ def test_init_from_another_run(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(out["state"].params),
                   jax.tree_util.tree_leaves(src["state"].ema_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_async_save_snapshot_survives_donation(tmp_path):
+  """The loop donates the state to the next step right after ``save``."""
+  from imagen_jax.data import sources
+  from imagen_jax.text import encoder as encoder_lib
+  config = helpers.tiny_train_config(**{"mesh.shape": (2, 4, 1)})
+  mesh = parallel.make_mesh((2, 4, 1), jax.devices()[:8])
+  stage = Stage.from_config(config)
+  tx, lr = optim.make_optimizer(config.optimizer, 10)
+  abstract, sh = state_lib.state_shardings(
+      stage.unet, build.unet_inputs(config, 1, 4), tx, mesh)
+  state = state_lib.init_state(stage.unet, config, tx, mesh, sh,
+                               jax.random.PRNGKey(0))
+  step = make_train_step(stage, tx, lr, config, mesh, sh)
+  source = sources.make_source(config, str(tmp_path),
+                               encoder_lib.from_config(config.text).encode)
+  batch = loop._global_batch(source.local_batch(0), mesh)  # pylint: disable=protected-access
+  state, _ = step(state, batch)
+  expected = [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+  saved_params = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
+  ck = Checkpointer(str(tmp_path / "w"))
+  assert ck._handoff is not None  # pylint: disable=protected-access
+  ck.prepare(state)
+  ck.save(1, state, {"data_position": 1})
+  for _ in range(3):  # donates (and overwrites) the saved buffers
+    state, _ = step(state, batch)
+  ck.wait()
+  # The live params moved on; the checkpoint holds the state at save time.
+  assert any(not np.array_equal(np.asarray(a), b) for a, b in
+             zip(jax.tree_util.tree_leaves(state.params), saved_params))
+  restored, meta = ck.restore(1, abstract, sh)
+  assert meta["data_position"] == 1
+  for got, want in zip(jax.tree_util.tree_leaves(restored), expected):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  ck.close()
+
+
+def test_async_save_error_surfaces_on_wait(tmp_path):
+  ck = Checkpointer(str(tmp_path / "w"))
+  ck.save(1, {"x": jnp.ones(3)}, {"data_position": 1})
+  ck.wait()
+  ck.save(1, {"x": jnp.ones(3)}, {"data_position": 1})  # step 1 exists
+  with pytest.raises(Exception, match="1"):
+    ck.wait()
