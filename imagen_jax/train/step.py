@@ -77,20 +77,30 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation,
     loss, aux, grads = grads_of(state.params, batch, rng)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     d = ema_decay(state.step, decay, warmup)
-    new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p,
-                                     state.ema_params, new_params)
 
-    def keep_if_ok(new, old):
-      return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+    def apply_update(args):
+      params, opt_state, ema, grads = args
+      updates, new_opt = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p,
+                                       ema, new_params)
+      return new_params, new_opt, new_ema
 
+    def keep(args):
+      return args[0], args[1], args[2]
+
+    # A conditional, not jnp.where(ok, new, old) per leaf: the skip branch
+    # hands the donated buffers straight back, while a select makes XLA copy
+    # every optimizer-state leaf each step (old and new both live), which
+    # costs a state's worth of temp memory and ~700 small copies a step on a
+    # small U-Net.
+    params, opt_state, ema_params = jax.lax.cond(
+        ok, apply_update, keep,
+        (state.params, state.opt_state, state.ema_params, grads))
     new_state = TrainState(
-        step=state.step + 1,
-        params=keep_if_ok(new_params, state.params),
-        opt_state=keep_if_ok(new_opt, state.opt_state),
-        ema_params=keep_if_ok(new_ema, state.ema_params),
+        step=state.step + 1, params=params, opt_state=opt_state,
+        ema_params=ema_params,
         skipped=jnp.where(ok, 0, state.skipped + 1),
         total_skipped=state.total_skipped + (~ok).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm,
