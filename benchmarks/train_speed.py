@@ -137,8 +137,7 @@ def checkpoint_stall():
     ck = Checkpointer(d, max_to_keep=10)
     # As the train loop does at start: compile the snapshot copy up front.
     ck.prepare(state)
-    if ck._compiled_snapshot is not None:  # pylint: disable=protected-access
-      ck._compiled_snapshot.result()  # pylint: disable=protected-access
+    ck.wait()
     for i in range(1, 5):
       t0 = time.perf_counter()
       ck.save(i, state, {"data_position": i})

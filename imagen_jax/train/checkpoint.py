@@ -96,7 +96,7 @@ class Checkpointer:
       try:
         snapshot = self._compiled_snapshot.result()(state)
       except (TypeError, ValueError):  # state's signature changed: jit it
-        snapshot = None
+        pass
     if snapshot is None:
       snapshot = self._snapshot(state)
     self._pending = self._handoff.submit(self._orbax_save, step, snapshot,
@@ -125,7 +125,9 @@ class Checkpointer:
     return out.state, out.meta
 
   def wait(self) -> None:
-    """Blocks until any in-flight save is committed."""
+    """Blocks until in-flight saves (and prepare's compile) are done."""
+    if self._compiled_snapshot is not None:
+      self._compiled_snapshot.result()
     self._join_handoff()
     self.manager.wait_until_finished()
 
