@@ -6,6 +6,7 @@ super-resolution stages, lr 1e-4 with 10k linear warmup steps and cosine decay.
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import optax
 
@@ -35,9 +36,46 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int
       [optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def clip_by_global_norm(max_norm: float
+                         ) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping that can reuse a norm the caller has computed.
+
+  Same result as ``optax.clip_by_global_norm`` (updates scaled by
+  ``max_norm / norm`` when ``norm >= max_norm``). The train step computes the
+  gradient norm anyway (for the NaN guard and the metrics) and passes it as
+  ``tx.update(..., grad_norm=norm)``: without that, the norm is a second pass
+  of one reduction per parameter leaf, which XLA does not merge across
+  leaves (on XLA:CPU ~500 small kernels a step for a 250-leaf U-Net).
+
+  Args:
+    max_norm: the clipping threshold.
+
+  Returns:
+    A transformation whose ``update`` takes an optional ``grad_norm``.
+  """
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+    keep = norm < max_norm
+    updates = jax.tree_util.tree_map(
+        lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm),
+        updates)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer (with global-norm clipping) and its lr schedule.
+
+  With clipping on, ``tx.update`` accepts ``grad_norm=`` (see
+  ``clip_by_global_norm``).
 
   Args:
     opt: the ``config.optimizer`` section.
@@ -61,5 +99,5 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int
     tx = optax.adamw(lr, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
                      weight_decay=float(opt.weight_decay))
   if float(opt.grad_clip) > 0:
-    tx = optax.chain(optax.clip_by_global_norm(float(opt.grad_clip)), tx)
+    tx = optax.chain(clip_by_global_norm(float(opt.grad_clip)), tx)
   return tx, lr

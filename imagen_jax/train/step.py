@@ -49,6 +49,9 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation,
   buckets = int(config.loss_buckets)
   base_key = jax.random.PRNGKey(int(config.seed))
   decay, warmup = float(config.ema.decay), bool(config.ema.warmup)
+  # Optimizers from optim.make_optimizer take the norm computed below
+  # instead of computing it again for clipping.
+  takes_norm = isinstance(tx, optax.GradientTransformationExtraArgs)
 
   def grads_of(params, batch, rng):
     def loss_fn(p, b, r):
@@ -81,7 +84,8 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation,
 
     def apply_update(args):
       params, opt_state, ema, grads = args
-      updates, new_opt = tx.update(grads, opt_state, params)
+      extra = {"grad_norm": grad_norm} if takes_norm else {}
+      updates, new_opt = tx.update(grads, opt_state, params, **extra)
       new_params = optax.apply_updates(params, updates)
       new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p,
                                        ema, new_params)
