@@ -2,10 +2,11 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_speed.py
 
-1. CPU-scale configs (base64:cpu, sr256:cpu) on this machine, one device:
-   steps/s, images/s, achieved TFLOP/s (XLA cost analysis of the compiled
-   step) and its fraction of the measured float32 matmul peak, compiled
-   memory and peak host RSS.
+1. CPU-scale configs (base64:cpu, sr256:cpu) on this machine, one device,
+   at batch 8 and at the config's own batch (32, 16): steps/s, images/s,
+   achieved TFLOP/s (XLA cost analysis of the compiled step) and its
+   fraction of the measured float32 matmul peak (median step time),
+   compiled memory and peak host RSS.
 2. The paper-scale base stage (2.0B params, Adafactor + EMA, bf16 compute)
    at per-device batch 32 on the sharding of one 8-chip host (mesh
    data=1 x fsdp=8), with and without remat: ``compiled.memory_analysis()``
@@ -81,12 +82,15 @@ def cpu_throughput(name, batch, peak):
   for _ in range(2):
     state, m = step(state, b)
   jax.block_until_ready(m)
-  n = 5
-  t = time.perf_counter()
-  for _ in range(n):
-    state, m = step(state, b)
-  jax.block_until_ready(m)
-  secs = (time.perf_counter() - t) / n
+  # Median of single steps, as for the matmul peak (common.time_call).
+  cell = [state]
+
+  def one_step():
+    cell[0], metrics = step(cell[0], b)
+    jax.block_until_ready(metrics)
+
+  secs = common.time_call(one_step, repeats=7, warmup=0)
+  state = cell[0]
   return [f"{name}:cpu", build.count_params(state.params), batch, 1 / secs,
           batch / secs, flops / secs / 1e12, flops / secs / peak,
           (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**20,
@@ -163,11 +167,17 @@ def main():
   parser.add_argument("--paper-batch", type=int, default=32,
                       help="per-device batch of the paper-scale estimate")
   parser.add_argument("--only-paper", action="store_true")
+  parser.add_argument("--batch", type=int, default=8,
+                      help="CPU-scale rows at this batch and at the config's")
   args = parser.parse_args()
   print(common.machine_line())
   if not args.only_paper:
     peak = common.matmul_peak_flops()
-    rows = [cpu_throughput("base64", 8, peak), cpu_throughput("sr256", 8, peak)]
+    rows = []
+    for name in ("base64", "sr256"):
+      config_batch = int(helpers.load_config(name, "cpu").batch_size)
+      for batch in sorted({args.batch, config_batch}):
+        rows.append(cpu_throughput(name, batch, peak))
     print(f"\n1. CPU-scale train step, one device; matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s")
     common.print_table(["config", "params", "batch", "steps/s", "images/s",
