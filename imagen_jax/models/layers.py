@@ -229,7 +229,7 @@ class _NearestUpsampleConv(nn.Module):
   adds per low-res pixel and channel pair, and the 4x larger upsampled
   activation is never materialised, in the forward pass or the backward
   (which otherwise sums the upsampled gradient back over 2x2 blocks): the
-  upsampling layers' forward+backward runs 3-5x faster on CPU
+  upsampling layers' forward+backward runs 1.3-1.9x faster on CPU
   (benchmarks/RESULTS.md).
   """
   features: int
