@@ -29,23 +29,11 @@ SHAPES = {
 }
 
 
-class PlainUpsample(nn.Module):
-  """Nearest x2 into a full-size array, then a SAME 3x3 convolution."""
-  features: int
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-    return layers.conv(self.features, jnp.float32, name="conv")(
-        x.reshape(b, 2 * h, 2 * w, c))
-
-
 def measure(name, shape, batch):
   h, w, cin, cout = shape
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.randn(batch, h, w, cin), jnp.float32)
-  ours, plain = layers.Upsample(cout), PlainUpsample(cout)
+  ours, plain = layers.Upsample(cout), layers.UpsampleReference(cout)
   params = nn.unbox(plain.init(jax.random.PRNGKey(0), x))
   ct = jnp.asarray(rs.randn(batch, 2 * h, 2 * w, cout), jnp.float32)
   row = [name, f"{batch}x{h}x{w}x{cin}->{cout}"]

@@ -34,8 +34,8 @@ def test_clip_matches_optax_with_and_without_a_given_norm(scale):
     np.testing.assert_array_equal(r, a)
     np.testing.assert_array_equal(r, b)
   # A wrong norm is used as given (proof that it is read, not recomputed).
-  halved, _ = ours.update(g, state, grad_norm=optax.global_norm(g) * 2 + 2)
-  assert not np.allclose(jax.tree_util.tree_leaves(halved)[0],
+  wrong, _ = ours.update(g, state, grad_norm=optax.global_norm(g) * 2 + 2)
+  assert not np.allclose(jax.tree_util.tree_leaves(wrong)[0],
                          jax.tree_util.tree_leaves(ref)[0])
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import build
+from imagen_jax.models import layers
 from tests import helpers
 
 load_config = helpers.load_config
@@ -177,28 +178,13 @@ def test_bad_inputs_give_one_line_errors():
     assert "\n" not in str(err.value)
 
 
-class _PlainUpsample(nn.Module):
-  """The textbook layer: materialise the nearest x2 image, then convolve."""
-  features: int
-  dtype: object = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-    from imagen_jax.models import layers
-    return layers.conv(self.features, self.dtype, name="conv")(
-        x.reshape(b, 2 * h, 2 * w, c))
-
-
 @pytest.mark.parametrize("shape,features", [((2, 4, 4, 3), 5), ((3, 6, 8, 16), 8),
                                             ((1, 1, 1, 4), 4)])
 def test_upsample_equals_plain_nearest_then_conv(shape, features):
   """Same params (init included), outputs and gradients as the plain layer."""
-  from imagen_jax.models import layers
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.randn(*shape), jnp.float32)
-  ours, plain = layers.Upsample(features), _PlainUpsample(features)
+  ours, plain = layers.Upsample(features), layers.UpsampleReference(features)
   p_ours = ours.init(jax.random.PRNGKey(3), x)
   p_plain = plain.init(jax.random.PRNGKey(3), x)
   for a, b in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_plain)):

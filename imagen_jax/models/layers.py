@@ -229,8 +229,8 @@ class _NearestUpsampleConv(nn.Module):
   adds per low-res pixel and channel pair, and the 4x larger upsampled
   activation is never materialised, in the forward pass or the backward
   (which otherwise sums the upsampled gradient back over 2x2 blocks): the
-  upsampling layers' forward+backward runs 1.3-1.9x faster on CPU
-  (benchmarks/RESULTS.md).
+  upsampling layers' forward+backward runs mostly 1.2-2.4x faster on CPU
+  (benchmarks/upsample_speed.py; RESULTS.md).
   """
   features: int
   dtype: Dtype = jnp.float32
@@ -271,6 +271,23 @@ class Upsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return constrain_image(_NearestUpsampleConv(self.features, self.dtype,
                                                 name="conv")(x))
+
+
+class UpsampleReference(nn.Module):
+  """The textbook ``Upsample``: materialise the nearest x2 image, then convolve.
+
+  Same parameters as ``Upsample``; kept as the reference it is tested and
+  benchmarked against (tests/test_unet.py, benchmarks/upsample_speed.py).
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return conv(self.features, self.dtype, name="conv")(
+        x.reshape(b, 2 * h, 2 * w, c))  # [B, 2H, 2W, Cout]
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
