@@ -26,6 +26,7 @@ import numpy as np
 from imagen_jax.data import captions as captions_lib
 from imagen_jax.text import store as store_lib
 from imagen_jax.text.encoder import TextEncoder, tokenize
+from imagen_jax.train import metrics
 
 COCO_LIKE = [
     "A man riding a wave on top of a surfboard.",
@@ -53,8 +54,9 @@ def main():
       ids = rs.randint(3, 1000, (batch, args.length)).astype(np.int32)
       mask = np.ones_like(ids, bool)
       fwd = enc._forward()  # pylint: disable=protected-access
-      compiled = fwd.lower(enc.params, ids, mask).compile()
-      flops = float(compiled.cost_analysis()["flops"])
+      lowered = fwd.lower(enc.params, ids, mask)
+      compiled = lowered.compile()
+      flops = metrics.step_flops(lowered)
       secs = common.time_call(lambda: common.block(compiled(enc.params, ids, mask)),
                               repeats=3)
       rows.append([size, batch, batch / secs, flops / batch / 1e9,

@@ -4,7 +4,7 @@
 
 1. CPU-scale configs (base64:cpu, sr256:cpu) on this machine, one device,
    at batch 8 and at the config's own batch (32, 16): steps/s, images/s,
-   achieved TFLOP/s (XLA cost analysis of the compiled step) and its
+   achieved TFLOP/s (XLA cost analysis of the lowered step) and its
    fraction of the measured float32 matmul peak (median step time),
    compiled memory and peak host RSS.
 2. The paper-scale base stage (2.0B params, Adafactor + EMA, bf16 compute)
@@ -40,6 +40,7 @@ import numpy as np
 from imagen_jax import build
 from imagen_jax import parallel
 from imagen_jax.stage import Stage
+from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
 from imagen_jax.train import state as state_lib
 from imagen_jax.train.checkpoint import Checkpointer
@@ -67,9 +68,10 @@ def _setup(config, mesh):
   return stage, tx, lr, abstract, sh
 
 
-def cpu_throughput(name, batch, peak):
+def cpu_throughput(name, batch, peak, dtype="float32"):
   config = helpers.load_config(name, "cpu")
   config.batch_size = batch
+  config.model.dtype = dtype
   mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
   stage, tx, lr, abstract, sh = _setup(config, mesh)
   state = state_lib.init_state(stage.unet, config, tx, mesh, sh,
@@ -77,7 +79,7 @@ def cpu_throughput(name, batch, peak):
   step = make_train_step(stage, tx, lr, config, mesh, sh)
   b = {k: jax.device_put(v) for k, v in _batch(config, batch, 16).items()}
   compiled = step.compiled(state, b)
-  flops = float(compiled.cost_analysis()["flops"])
+  flops = metrics_lib.step_flops(step.lowered(state, b))
   mem = compiled.memory_analysis()
   for _ in range(2):
     state, m = step(state, b)
@@ -91,7 +93,8 @@ def cpu_throughput(name, batch, peak):
 
   secs = common.time_call(one_step, repeats=7, warmup=0)
   state = cell[0]
-  return [f"{name}:cpu", build.count_params(state.params), batch, 1 / secs,
+  return [f"{name}:cpu {dtype}", build.count_params(state.params), batch,
+          1 / secs,
           batch / secs, flops / secs / 1e12, flops / secs / peak,
           (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**20,
           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10]
@@ -128,6 +131,63 @@ def paper_memory(remat: str, per_device_batch: int, devices=None):
           mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30,
           total / 2**30, "yes" if total < 80 * 2**30 else "NO",
           time.perf_counter() - t]
+
+
+def paper_run(remat: str, per_device_batch: int, steps: int, bf16_peak: float):
+  """Real train steps of the paper base stage on the devices present.
+
+  The accelerator counterpart of ``paper_memory``: params, Adafactor state and
+  EMA are allocated (sharded FSDP over all local devices; on one device the
+  whole 2.0B state sits there, a harder case than the 8-way sharding of the
+  target), the step runs ``steps`` times, and the row gives its median time,
+  MFU and the device's peak memory in use as its allocator counts it.
+
+  Args:
+    remat: the model's remat policy ("full" or "none").
+    per_device_batch: examples per device per step.
+    steps: timed steps (after one warm-up).
+    bf16_peak: measured bf16 matmul FLOP/s of one device (MFU's denominator
+      beside the vendor figure).
+
+  Returns:
+    One table row.
+  """
+  config = helpers.load_config("base64", "paper")
+  config.model.remat = remat
+  devices = jax.local_devices()
+  n = len(devices)
+  mesh = parallel.make_mesh((1, n, 1), devices)
+  config.batch_size = per_device_batch * n
+  stage, tx, lr, abstract, sh = _setup(config, mesh)
+  t = time.perf_counter()
+  state = state_lib.init_state(stage.unet, config, tx, mesh, sh,
+                               jax.random.PRNGKey(0))
+  step = make_train_step(stage, tx, lr, config, mesh, sh)
+  b = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim))
+       for k, v in _batch(config, config.batch_size, 128).items()}
+  step.compiled(state, b)
+  compile_secs = time.perf_counter() - t
+  flops = metrics_lib.step_flops(step.lowered(state, b))
+  cell = [state]
+
+  def one_step():
+    cell[0], metrics = step(cell[0], b)
+    jax.block_until_ready(metrics)
+    return metrics
+
+  m = one_step()
+  secs = common.time_call(one_step, repeats=steps, warmup=0)
+  vendor_peak, _ = metrics_lib.peak_flops_per_device()
+  stats = devices[0].memory_stats() or {}
+  used = stats.get("peak_bytes_in_use", 0) / 2**30
+  limit = stats.get("bytes_limit", 0) / 2**30
+  per_dev = flops / n / secs
+  return [f"base64:paper remat={remat}", devices[0].device_kind, n,
+          per_device_batch, float(m["loss"]), secs * 1e3,
+          config.batch_size / secs, per_dev / 1e12,
+          per_dev / vendor_peak if vendor_peak else float("nan"),
+          per_dev / bf16_peak, used, limit,
+          "yes" if used < 80 * 10**9 / 2**30 else "NO", compile_secs]
 
 
 def checkpoint_stall():
@@ -169,20 +229,43 @@ def main():
   parser.add_argument("--only-paper", action="store_true")
   parser.add_argument("--batch", type=int, default=8,
                       help="CPU-scale rows at this batch and at the config's")
+  parser.add_argument("--dtype", default="float32",
+                      help="compute dtypes of the CPU-scale rows, comma "
+                      "separated (e.g. float32,bfloat16 on an accelerator)")
+  parser.add_argument("--paper-run", action="store_true",
+                      help="also run real steps of the paper base stage on "
+                      "the devices present (needs an accelerator: ~40 GB)")
+  parser.add_argument("--paper-steps", type=int, default=5)
   args = parser.parse_args()
   print(common.machine_line())
   if not args.only_paper:
-    peak = common.matmul_peak_flops()
+    peaks = {d: common.matmul_peak_flops(dtype=jnp.dtype(d))
+             for d in args.dtype.split(",")}
     rows = []
-    for name in ("base64", "sr256"):
-      config_batch = int(helpers.load_config(name, "cpu").batch_size)
-      for batch in sorted({args.batch, config_batch}):
-        rows.append(cpu_throughput(name, batch, peak))
-    print(f"\n1. CPU-scale train step, one device; matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s")
+    for dtype, peak in peaks.items():
+      for name in ("base64", "sr256"):
+        config_batch = int(helpers.load_config(name, "cpu").batch_size)
+        for batch in sorted({args.batch, config_batch}):
+          rows.append(cpu_throughput(name, batch, peak, dtype))
+    print("\n1. CPU-scale train step, one device; measured matmul peak " +
+          ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()) +
+          " (each row against its dtype's)")
     common.print_table(["config", "params", "batch", "steps/s", "images/s",
                         "TFLOP/s", "of matmul peak", "XLA mem MiB",
                         "peak RSS MiB"], rows)
+  if args.paper_run:
+    bf16_peak = common.matmul_peak_flops(dtype=jnp.bfloat16)
+    rows = [paper_run(r, args.paper_batch, args.paper_steps, bf16_peak)
+            for r in args.remat.split(",")]
+    print(f"\n2a. Paper base stage (2.0B, Adafactor + EMA, bf16 compute), "
+          f"real steps on this machine, per-device batch {args.paper_batch}, "
+          f"128 text tokens, mesh data=1 x fsdp=all local devices; measured "
+          f"bf16 matmul peak {bf16_peak / 1e12:.0f} TFLOP/s")
+    common.print_table(["config", "device", "devices", "batch/device", "loss",
+                        "ms/step", "images/s", "TFLOP/s/device",
+                        "MFU (vendor peak)", "of measured bf16 peak",
+                        "device peak GiB", "device limit GiB", "fits 80 GB",
+                        "init+compile s"], rows)
   if not args.skip_paper:
     devices = (tpu_topology_devices(args.paper_topology)
                if args.paper_topology else jax.devices())

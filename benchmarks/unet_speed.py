@@ -3,7 +3,7 @@
   python benchmarks/unet_speed.py [--batch=8] [--configs=tiny,cpu] [--no-torch]
 
 For each config: forward+backward time of one denoising-loss step at batch 8,
-its FLOPs (XLA cost analysis of the compiled step), the FLOP/s reached as a
+its FLOPs (XLA cost analysis of the lowered step), the FLOP/s reached as a
 fraction of this machine's measured float32 matmul FLOP/s (same run), the
 compiled memory estimate and the peak RSS of the measuring process. Then the
 same U-Net shape built with imagen-pytorch's ``Unet`` (params printed side by
@@ -30,15 +30,18 @@ import common
 STAGE = "base64"
 
 
-def _jax_worker(variant: str, batch: int, text_len: int) -> dict:
+def _jax_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
   from imagen_jax import build, diffusion
+  from imagen_jax.train import metrics
   from tests import helpers
 
   config = helpers.load_config(STAGE, variant)
-  module, params, inputs = helpers.init_unet(STAGE, batch=batch,
-                                             text_len=text_len, variant=variant)
+  config.model.dtype = dtype
+  module = build.build_unet(config.model)
+  _, params, inputs = helpers.init_unet(STAGE, batch=batch,
+                                        text_len=text_len, variant=variant)
   inputs = helpers.random_inputs(inputs)
   schedule = diffusion.get_logsnr_schedule("cosine")
 
@@ -51,19 +54,23 @@ def _jax_worker(variant: str, batch: int, text_len: int) -> dict:
     return loss.mean()
 
   step = jax.jit(jax.value_and_grad(loss_fn))
-  compiled = step.lower(params, jax.random.PRNGKey(0)).compile()
-  flops = float(compiled.cost_analysis()["flops"])
+  lowered = step.lower(params, jax.random.PRNGKey(0))
+  compiled = lowered.compile()
+  flops = metrics.step_flops(lowered)
   mem = compiled.memory_analysis()
   mem_bytes = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                + mem.output_size_in_bytes) if mem is not None else 0
   secs = common.time_call(
       lambda: common.block(compiled(params, jax.random.PRNGKey(1))), repeats=5)
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() or {}
   return dict(params=build.count_params(params), secs=secs, flops=flops,
-              compiled_mem=mem_bytes, peak=common.matmul_peak_flops(),
-              res=int(config.resolution))
+              compiled_mem=mem_bytes, res=int(config.resolution),
+              peak=common.matmul_peak_flops(dtype=jnp.dtype(dtype)),
+              device_peak_mem=stats.get("peak_bytes_in_use", 0))
 
 
-def _torch_worker(variant: str, batch: int, text_len: int) -> dict:
+def _torch_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
   import importlib.util
   import math
   import time
@@ -88,7 +95,11 @@ def _torch_worker(variant: str, batch: int, text_len: int) -> dict:
   from imagen_pytorch import Unet
 
   torch.set_num_threads(os.cpu_count())
-  levels = len(m.channel_mult)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if device.type == "cuda":
+    # XLA's default float32 dot and conv on NVIDIA GPUs use TF32 tensor
+    # cores; let torch do the same (its convs already do by default).
+    torch.set_float32_matmul_precision("high")
   unet = Unet(
       dim=int(m.base_channels), dim_mults=tuple(m.channel_mult),
       num_resnet_blocks=tuple(m.num_res_blocks),
@@ -97,43 +108,55 @@ def _torch_worker(variant: str, batch: int, text_len: int) -> dict:
       text_embed_dim=int(m.text_dim), cond_dim=int(m.cond_dim),
       channels=3, memory_efficient=False,
       init_conv_to_final_conv_residual=False, lowres_cond=False,
-  )
+  ).to(device)
   n_params = sum(p.numel() for p in unet.parameters())
   res = int(config.resolution)
-  x = torch.randn(batch, 3, res, res)
-  text = torch.randn(batch, text_len, int(m.text_dim))
-  mask = torch.ones(batch, text_len, dtype=torch.bool)
+  x = torch.randn(batch, 3, res, res, device=device)
+  text = torch.randn(batch, text_len, int(m.text_dim), device=device)
+  mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
   opt_params = list(unet.parameters())
+  # bfloat16: autocast, the mixed precision torch users train with (params
+  # stay float32, as ours do with compute dtype bfloat16).
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=dtype == "bfloat16")
 
   def step():
-    t = torch.rand(batch)
+    t = torch.rand(batch, device=device)
     noise = torch.randn_like(x)
     # cosine log-SNR as in ours; imagen-pytorch takes noise times in [0, 1].
     logsnr = -torch.log(torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** -2 - 1)
     alpha = torch.sigmoid(logsnr).sqrt()[:, None, None, None]
     sigma = torch.sigmoid(-logsnr).sqrt()[:, None, None, None]
     z = alpha * x + sigma * noise
-    out = unet(z, t, text_embeds=text, text_mask=mask)
-    loss = ((out - noise) ** 2).mean()
+    with autocast:
+      out = unet(z, t, text_embeds=text, text_mask=mask)
+    loss = ((out.float() - noise) ** 2).mean()
     for p in opt_params:
       p.grad = None
     loss.backward()
+    if device.type == "cuda":
+      torch.cuda.synchronize()
 
   from torch.utils.flop_counter import FlopCounterMode
   with FlopCounterMode(display=False) as counter:
     step()
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
   secs = common.time_call(step, repeats=5)
-  return dict(params=n_params, secs=secs, flops=float(counter.get_total_flops()))
+  peak_mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+              else 0)
+  return dict(params=n_params, secs=secs, flops=float(counter.get_total_flops()),
+              device_peak_mem=peak_mem)
 
 
 def _run_worker(kind: str, variant: str, batch: int, text_len: int,
-                keep_xla_flags: bool = False) -> dict:
+                dtype: str, keep_xla_flags: bool = False) -> dict:
   env = dict(os.environ)
   if keep_xla_flags:
     env["IMAGEN_JAX_KEEP_XLA_FLAGS"] = "1"
   return common.run_worker(__file__, ["--worker", kind, "--configs", variant,
                                       "--batch", str(batch), "--text_len",
-                                      str(text_len)], env)
+                                      str(text_len), "--dtype", dtype], env)
 
 
 def main():
@@ -144,11 +167,15 @@ def main():
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--ynn", action="store_true",
                       help="also time XLA's default YNNPACK fusions")
+  parser.add_argument("--dtype", default="float32",
+                      choices=("float32", "bfloat16"),
+                      help="compute dtype (bfloat16: ours with bf16 compute, "
+                      "imagen-pytorch under bf16 autocast; params float32)")
   parser.add_argument("--worker", default=None)
   args = parser.parse_args()
   if args.worker:
     fn = _jax_worker if args.worker == "jax" else _torch_worker
-    result = fn(args.configs, args.batch, args.text_len)
+    result = fn(args.configs, args.batch, args.text_len, args.dtype)
     result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(result))
     return
@@ -156,37 +183,42 @@ def main():
   print(common.machine_line())
   rows = []
   for variant in args.configs.split(","):
-    ours = _run_worker("jax", variant, args.batch, args.text_len)
+    ours = _run_worker("jax", variant, args.batch, args.text_len, args.dtype)
     peak = ours["peak"]
     flops_s = ours["flops"] / ours["secs"]
     rows.append([f"imagen_jax {STAGE}:{variant} {ours['res']}px", ours["params"],
                  ours["secs"] * 1e3, args.batch / ours["secs"],
                  ours["flops"] / 1e9, flops_s / 1e9, flops_s / peak,
-                 ours["compiled_mem"] / 2**20, ours["rss"] / 2**20, "1.00"])
+                 ours["compiled_mem"] / 2**20, ours["rss"] / 2**20,
+                 ours["device_peak_mem"] / 2**20, "1.00"])
     if args.ynn:
-      ynn = _run_worker("jax", variant, args.batch, args.text_len,
+      ynn = _run_worker("jax", variant, args.batch, args.text_len, args.dtype,
                         keep_xla_flags=True)
       fs = ynn["flops"] / ynn["secs"]
       rows.append([f"  same, XLA default (YNNPACK)", ynn["params"],
                    ynn["secs"] * 1e3, args.batch / ynn["secs"],
                    ynn["flops"] / 1e9, fs / 1e9, fs / ynn["peak"],
                    ynn["compiled_mem"] / 2**20, ynn["rss"] / 2**20,
+                   ynn["device_peak_mem"] / 2**20,
                    f"{ours['secs'] / ynn['secs']:.2f}"])
     if not args.no_torch:
-      theirs = _run_worker("torch", variant, args.batch, args.text_len)
+      theirs = _run_worker("torch", variant, args.batch, args.text_len,
+                           args.dtype)
       fs = theirs["flops"] / theirs["secs"]
       rows.append([f"  imagen-pytorch same config", theirs["params"],
                    theirs["secs"] * 1e3, args.batch / theirs["secs"],
                    theirs["flops"] / 1e9, fs / 1e9, fs / peak, "-",
-                   theirs["rss"] / 2**20, f"{ours['secs'] / theirs['secs']:.2f}"])
+                   theirs["rss"] / 2**20, theirs["device_peak_mem"] / 2**20,
+                   f"{ours['secs'] / theirs['secs']:.2f}"])
   print(f"\nForward+backward of the denoising loss, batch {args.batch}, "
-        f"{args.text_len} text tokens; measured float32 matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s. Last column: our step time / that "
-        "row's step time (below 1: ours is faster).")
+        f"{args.text_len} text tokens, {args.dtype} compute; measured "
+        f"{args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s. Last column: our "
+        "step time / that row's step time (below 1: ours is faster). Device "
+        "peak: accelerator memory in use at most (0 on CPU).")
   common.print_table(
       ["model", "params", "ms/step", "img/s", "GFLOP/step", "GFLOP/s",
-       "of matmul peak", "XLA mem MiB", "peak RSS MiB", "our time / its time"],
-      rows)
+       "of matmul peak", "XLA mem MiB", "peak RSS MiB", "device peak MiB",
+       "our time / its time"], rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The tests compare float32 numerics (remat vs not, fused vs reference) at
+# float32 tolerances. On NVIDIA GPUs XLA's default float32 dot/conv runs on
+# TF32 tensor cores (~1e-3 relative): ask for full float32 there. A no-op on
+# CPU, whose float32 products are always full precision.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 # One persistent compilation cache for the whole session: subprocess tests
 # (CLI, kill/resume, multi-process) then reuse what other tests compiled.

@@ -11,6 +11,7 @@ import pytest
 from imagen_jax import build
 from imagen_jax.stage import Stage
 from imagen_jax.train import loop
+from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
 from imagen_jax.train import state as state_lib
 from imagen_jax.train.checkpoint import Checkpointer
@@ -24,22 +25,33 @@ def _train(tmp_path, name, **overrides):
   return loop.train(config, str(tmp_path / name), progress=False)
 
 
+def _flops_per_step(metrics, devices):
+  """The step FLOPs behind a run's logged TFLOP/s per device (metrics.Throughput)."""
+  return (metrics["tflops_per_device"] * 1e12 * devices
+          / metrics["steps_per_sec"])
+
+
 @functools.lru_cache(maxsize=None)
 def _one_device_losses(tmp):
   import pathlib
   out = _train(pathlib.Path(tmp), "one", **{
       "total_steps": 5, "log_every": 5, "checkpoint_every": 5,
       "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
-  return tuple(out["losses"]), out["state"]
+  return tuple(out["losses"]), out["state"], _flops_per_step(out["metrics"], 1)
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)])
 def test_losses_equal_across_meshes(tmp_path_factory, shape):
-  ref_losses, ref_state = _one_device_losses(str(tmp_path_factory.mktemp("ref")))
+  ref_losses, ref_state, ref_flops = _one_device_losses(
+      str(tmp_path_factory.mktemp("ref")))
   out = _train(tmp_path_factory.mktemp("mesh"), "m", **{
       "total_steps": 5, "log_every": 5, "checkpoint_every": 5,
       "mesh.shape": shape})
   np.testing.assert_allclose(out["losses"], ref_losses, rtol=2e-5, atol=1e-6)
+  # TFLOP/s per device and MFU count the same step FLOPs on every mesh (a
+  # per-device count divided by the devices again would log 1/8 here).
+  np.testing.assert_allclose(_flops_per_step(out["metrics"], 8), ref_flops,
+                             rtol=1e-6)
   # Params agree as a whole. (Not element by element: zero-initialised layers
   # get gradients near 0 in the first steps, where Adam's m / sqrt(v) turns
   # float-reordering noise across meshes into +-lr sign flips.)
@@ -142,6 +154,36 @@ def test_nan_guard_skips_bitwise_and_stops(tmp_path, monkeypatch):
       stage.unet, build.unet_inputs(config, 1, 4), tx,
       parallel.make_mesh((8, 1, 1))))
   assert bool(state_lib.is_finite_tree(restored.params))
+
+
+def test_step_flops_count_the_whole_step_on_any_mesh():
+  config = helpers.tiny_train_config(batch_size=16)
+  counts = {}
+  for shape in ((1, 1, 1), (8, 1, 1), (2, 2, 2)):
+    n = int(np.prod(shape))
+    mesh = parallel.make_mesh(shape, jax.devices()[:n])
+    stage = Stage.from_config(config)
+    tx, lr = optim.make_optimizer(config.optimizer, 10)
+    abstract, sh = state_lib.state_shardings(
+        stage.unet, build.unet_inputs(config, 1, 4), tx, mesh)
+    step = make_train_step(stage, tx, lr, config, mesh, sh)
+    state = state_lib.abstract_with_shardings(abstract, sh)
+    inputs = build.unet_inputs(config, 16, 8)
+    r = int(config.resolution)
+    batch = {"image": jax.ShapeDtypeStruct((16, r, r, 3), jnp.uint8),
+             "text": inputs["text"], "text_mask": inputs["text_mask"]}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                     sharding=parallel.batch_sharding(mesh, v.ndim))
+             for k, v in batch.items()}
+    counts[shape] = (metrics_lib.step_flops(step.lowered(state, batch)),
+                     step.compiled(state, batch).cost_analysis()["flops"])
+  whole, one_device_compiled = counts[(1, 1, 1)]
+  # A real count: XLA's count of the optimised one-device program agrees.
+  assert abs(whole / one_device_compiled - 1) < 0.05, counts
+  for shape, (lowered, per_device) in counts.items():
+    assert lowered == whole, counts
+    # The compiled SPMD program holds one device's share of the step.
+    assert abs(per_device * np.prod(shape) / whole - 1) < 0.1, counts
 
 
 def test_restore_on_a_different_mesh(tmp_path):

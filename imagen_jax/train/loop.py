@@ -279,7 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       while step < stop:
         batch = _global_batch(prefetch.get(position), mesh)
         if flops == 0.0 and step == start_step:
-          flops = metrics_lib.step_flops(step_fn.compiled(state, batch))
+          flops = metrics_lib.step_flops(step_fn.lowered(state, batch))
           throughput = metrics_lib.Throughput(int(config.batch_size), flops,
                                               peak, n_devices)
         state, m = step_fn(state, batch)

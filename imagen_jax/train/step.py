@@ -120,24 +120,38 @@ def make_train_step(stage: Stage, tx: optax.GradientTransformation,
     return new_state, metrics
 
   rep = parallel.replicated(mesh)
+  lowered = {}
   compiled = {}
 
-  def compiled_for(state, batch):
-    """The AOT-compiled step for this batch signature (compiled once)."""
-    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
-    if key not in compiled:
+  def _key(batch):
+    return tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+
+  def lowered_for(state, batch):
+    """The lowered (global, not yet partitioned) step for this signature."""
+    key = _key(batch)
+    if key not in lowered:
       batch_sh = {k: parallel.batch_sharding(mesh, v.ndim)
                   for k, v in batch.items()}
       with parallel.sharding_context(mesh):
-        compiled[key] = jax.jit(
+        lowered[key] = jax.jit(
             step, in_shardings=(state_shardings, batch_sh),
             out_shardings=(state_shardings, rep),
-            donate_argnums=(0,)).lower(state, batch).compile()
+            donate_argnums=(0,)).lower(state, batch)
+    return lowered[key]
+
+  def compiled_for(state, batch):
+    """The AOT-compiled step for this batch signature (compiled once)."""
+    key = _key(batch)
+    if key not in compiled:
+      with parallel.sharding_context(mesh):
+        compiled[key] = lowered_for(state, batch).compile()
     return compiled[key]
 
   def run(state: TrainState, batch: dict):
     return compiled_for(state, batch)(state, batch)
 
-  # The compiled executable, for XLA's cost and memory analysis.
+  # The compiled executable, for XLA's memory analysis; the lowered program,
+  # for the step's FLOPs (metrics.step_flops says why not the compiled one).
   run.compiled = compiled_for
+  run.lowered = lowered_for
   return run
