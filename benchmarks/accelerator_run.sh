@@ -4,24 +4,50 @@
 #
 #   bash benchmarks/accelerator_run.sh PART [OUT_DIR]
 #
-# PART:
-#   speed   unet_speed (ours vs imagen-pytorch, float32 and bfloat16) and
-#           train_speed's CPU-scale rows + checkpoint stall, on the accelerator
+# PART (each about one 10-minute call on an H100, whose XLA compiles with
+# autotuning take 1-3 min per program at paper scale):
+#   speed   unet_speed (ours vs imagen-pytorch, float32 and bfloat16, batch 8
+#           and 32): ~6 min
+#   train   train_speed's CPU-scale rows (bf16) + checkpoint stall
 #   paper   real train steps of the paper base stage (2.0B) at per-device
-#           batch 32, remat full then none: step time, MFU, device peak memory
-#   tests   the model / numerics test files on the accelerator
+#           batch 32: step time, MFU, device peak memory. REMAT="none" by
+#           default (~4 min); remat=full compiles for over 5 min: give it its
+#           own call (REMAT=full PAPER_TIMEOUT=560).
+#   tests   the model / numerics test files on the accelerator (> 4 min)
+#   wheels  run on the machine that has the network, not the accelerator:
+#           downloads into .whl/ the Python 3.12 x86-64 wheels that the lent
+#           GPU image lacks (ml_collections, imagen-pytorch and its needs)
 #
 # The machine needs jax with its accelerator plugin, flax, optax, orbax, and
-# for imagen-pytorch torch + torchvision. Packages it lacks can be carried as
-# wheels in .whl/ (Python 3.12 x86-64; see the device tool's README): they are
-# installed into /tmp/site first. Nothing here is needed by CI.
+# for imagen-pytorch torch + torchvision. Packages it lacks are carried as
+# wheels in .whl/: they are installed into /tmp/site first. Nothing here is
+# needed by CI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: accelerator_run.sh speed|paper|tests [OUT_DIR]}
+PART=${1:?usage: accelerator_run.sh speed|train|paper|tests [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/accelerator_out}}
 mkdir -p "$OUT_DIR"
-case "$PART" in speed|paper|tests) ;; *)
-  echo "unknown part '$PART': choose speed, paper or tests" >&2; exit 2;; esac
+case "$PART" in speed|train|paper|tests|wheels) ;; *)
+  echo "unknown part '$PART': choose speed, train, paper, tests or wheels" >&2
+  exit 2;; esac
+if [ "$PART" = wheels ]; then
+  platforms=""
+  for p in manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_17 \
+           manylinux2014 manylinux1; do
+    platforms+=" --platform ${p}_x86_64"
+  done
+  for pkg in ml_collections==1.1.0 imagen-pytorch==2.1.0 beartype==0.23.1 \
+             ema-pytorch==0.8.3 kornia==0.9.0 kornia_rs==0.2.0 \
+             pytorch-warmup==0.2.0 pydantic==2.14.3 pydantic_core==2.50.4 \
+             annotated-types==0.8.0 typing-inspection==0.4.5 datasets==5.2.0 \
+             dill==0.4.1 multiprocess==0.70.19; do
+    # shellcheck disable=SC2086
+    python3 -m pip download -q --no-deps --only-binary=:all: \
+      --python-version 3.12 --implementation cp $platforms -d .whl "$pkg" \
+      || exit 1
+  done
+  exit 0
+fi
 PY=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/site ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -48,14 +74,17 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
           | tee "$OUT_DIR/unet_${dtype}_b${batch}.txt" | tail -6
       done
     done
-    timeout 240 "$PY" benchmarks/train_speed.py --skip-paper \
-      --dtype float32,bfloat16 2>&1 | tee "$OUT_DIR/train_cpu_scale.txt"
+    ;;
+  train)
+    timeout "${TRAIN_TIMEOUT:-560}" "$PY" benchmarks/train_speed.py \
+      --skip-paper --dtype "${TRAIN_DTYPES:-bfloat16}" 2>&1 \
+      | tee "$OUT_DIR/train_cpu_scale.txt" | tail -20
     ;;
   paper)
     # One process per remat policy: a device's peak-memory counter never
     # goes down. Let XLA's allocator use up to 95% of the card (default 75%).
     export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}
-    for remat in ${REMAT:-full none}; do
+    for remat in ${REMAT:-none}; do
       timeout "${PAPER_TIMEOUT:-280}" "$PY" benchmarks/train_speed.py \
         --only-paper --skip-paper --paper-run --remat "$remat" \
         --paper-batch "${PAPER_BATCH:-32}" 2>&1 \
