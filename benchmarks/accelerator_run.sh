@@ -24,7 +24,7 @@
 # needed by CI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: accelerator_run.sh speed|train|paper|tests [OUT_DIR]}
+PART=${1:?usage: accelerator_run.sh speed|train|paper|tests|wheels [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/accelerator_out}}
 mkdir -p "$OUT_DIR"
 case "$PART" in speed|train|paper|tests|wheels) ;; *)
