@@ -95,6 +95,29 @@ def test_constant_input_is_finite():
   assert bool(jnp.all(jnp.isfinite(grad)))
 
 
+def test_silu_matches_jax_silu_at_extreme_pre_activations():
+  """The divide form of SiLU saturates like jax.nn.silu, value and gradient.
+
+  A shift of +-1000 drives exp(-u) to 0 and to inf (the latter must give -0,
+  not NaN); +-20 checks the tails where the two forms differ most in float32.
+  """
+  rs = np.random.RandomState(7)
+  x = jnp.asarray(rs.randn(2, 4, 4, 8), jnp.float32)
+  scale = jnp.ones((8,))
+  for offset in (-1000.0, -20.0, 0.0, 20.0, 1000.0):
+    shift = jnp.full((8,), offset)
+    ours = lambda x, s=shift: group_norm_act(x, scale, s, num_groups=2,
+                                             activation="silu")
+    plain = lambda x, s=shift: jax.nn.silu(group_norm_act(
+        x, scale, s, num_groups=2))
+    np.testing.assert_allclose(ours(x), plain(x), rtol=1e-5, atol=1e-6)
+    g_ours = jax.grad(lambda x: jnp.sum(ours(x) * x))(x)
+    g_plain = jax.grad(lambda x: jnp.sum(plain(x) * x))(x)
+    assert bool(jnp.all(jnp.isfinite(g_ours))), offset
+    np.testing.assert_allclose(g_ours, g_plain, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(g_plain).max()))
+
+
 def test_bad_arguments_are_one_line_errors():
   x = jnp.zeros((1, 2, 2, 6))
   with pytest.raises(ValueError, match="6 channels are not divisible into 4"):

@@ -62,7 +62,17 @@ def _affine(mean, rstd, scale, shift, c):
 
 
 def _activate(u: jax.Array, act: Optional[str]) -> jax.Array:
-  return u * jax.nn.sigmoid(u) if act == "silu" else u
+  if act != "silu":
+    return u
+  # SiLU written to end in a divide, not as u * sigmoid(u): XLA copies cheap
+  # elementwise producers into every consumer, and the consumers of this
+  # output include the layout transposes that XLA:CPU puts in front of each
+  # conv weight gradient ([B, H, W, C] -> [C, H, W, B]). Re-running the norm
+  # inside those strided loops cost more than the transposes themselves. A
+  # divide counts as expensive, so the output is computed once and the
+  # transposes only move it: their time in a base64:cpu step fell from ~150
+  # to ~85 ms (benchmarks/RESULTS.md). exp(-u) -> inf for u << 0 gives -0.
+  return u / (1.0 + jnp.exp(-u))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
