@@ -32,38 +32,13 @@ from jax.sharding import Mesh
 from imagen_jax import build
 from imagen_jax import fileio
 from imagen_jax import parallel
-from imagen_jax.diffusion import samplers as samplers_lib
-from imagen_jax.stage import Stage, to_float_image, to_uint8_image
+from imagen_jax.stage import Stage, StageSettings, to_float_image
 from imagen_jax.text import encoder as encoder_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 
 
 class CascadeError(ValueError):
   """A cascade that cannot be built or run as asked (one-line message)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSettings:
-  """How one stage samples."""
-  sampler: str = "ddim"
-  num_steps: int = 50
-  guidance_scale: float = 5.0
-  threshold: str = "dynamic"
-  percentile: float = 99.5
-  aug_level: float = 0.2
-  eta: float = 0.0
-
-  @classmethod
-  def from_config(cls, sample: ml_collections.ConfigDict) -> "StageSettings":
-    return cls(sampler=str(sample.sampler), num_steps=int(sample.num_steps),
-               guidance_scale=float(sample.guidance_scale),
-               threshold=str(sample.threshold),
-               percentile=float(sample.percentile),
-               aug_level=float(sample.aug_level), eta=float(sample.eta))
-
-  def check(self) -> None:
-    samplers_lib.check_sampler(self.sampler)
-    samplers_lib.check_num_steps(self.num_steps)
 
 
 _SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(StageSettings)}
@@ -269,22 +244,9 @@ class Cascade:
     if key not in self._compiled:
       self.compilations += 1
       stage = self.stages[index].stage
-      s = settings
-
-      def run(params, text, mask, neg_text, neg_mask, rng, lowres, init):
-        kw = {}
-        if stage.is_sr:
-          kw["lowres"] = lowres
-        if guided:
-          kw["negative_text"], kw["negative_mask"] = neg_text, neg_mask
-        if start_logsnr is not None:
-          kw["init_image"], kw["start_logsnr"] = init, start_logsnr
-        return to_uint8_image(stage.sample(
-            params, text, mask, rng, sampler=s.sampler, num_steps=s.num_steps,
-            guidance_scale=s.guidance_scale if guided else 1.0,
-            threshold=s.threshold, percentile=s.percentile,
-            aug_level=s.aug_level, eta=s.eta,
-            progress_fn=self._step_done if progress else None, **kw))
+      run = stage.uint8_sampler(
+          settings, guided=guided, start_logsnr=start_logsnr,
+          progress_fn=self._step_done if progress else None)
 
       self._compiled[key] = jax.jit(
           run, out_shardings=parallel.batch_sharding(self.mesh, 4))

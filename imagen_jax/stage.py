@@ -26,6 +26,7 @@ import ml_collections
 
 from imagen_jax import build
 from imagen_jax import diffusion
+from imagen_jax.diffusion import samplers as samplers_lib
 from imagen_jax.models.unet import UNet
 
 
@@ -73,6 +74,31 @@ def random_aligned_crop(image: jax.Array, lowres: Optional[jax.Array],
   lo = None if lowres is None else jax.vmap(
       lambda i, y, x: one(i, y, x, lc, 1))(lowres, oy, ox)
   return hi, lo
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+  """How one stage samples (its config's ``sample`` section)."""
+  sampler: str = "ddim"
+  num_steps: int = 50
+  guidance_scale: float = 5.0
+  threshold: str = "dynamic"
+  percentile: float = 99.5
+  aug_level: float = 0.2
+  eta: float = 0.0
+
+  @classmethod
+  def from_config(cls, sample: ml_collections.ConfigDict) -> "StageSettings":
+    return cls(sampler=str(sample.sampler), num_steps=int(sample.num_steps),
+               guidance_scale=float(sample.guidance_scale),
+               threshold=str(sample.threshold),
+               percentile=float(sample.percentile),
+               aug_level=float(sample.aug_level), eta=float(sample.eta))
+
+  def check(self) -> None:
+    samplers_lib.check_sampler(self.sampler)
+    samplers_lib.check_num_steps(self.num_steps)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,3 +282,41 @@ class Stage:
         schedule=self.logsnr_schedule(), sampler=sampler, num_steps=num_steps,
         eta=eta, init_x=init_x, start_logsnr=start_logsnr,
         progress_fn=progress_fn)
+
+  def uint8_sampler(self, settings: StageSettings, *, guided: bool = True,
+                    start_logsnr: Optional[float] = None, progress_fn=None):
+    """The sampling function the cascade and training's sample grids jit.
+
+    One definition for both, so that a training run's periodic samples are
+    drawn exactly as ``Cascade.sample`` draws them with the same settings.
+
+    Args:
+      settings: sampler, steps, guidance, thresholding, aug level, eta.
+      guided: False runs the network once per step without guidance
+        (``settings.guidance_scale`` is then ignored).
+      start_logsnr: start from ``init`` noised to this level, not from noise.
+      progress_fn: host callback with the step index.
+
+    Returns:
+      ``run(params, text, mask, neg_text, neg_mask, rng, lowres, init)`` ->
+      uint8 images ``[B, R, R, C]``. ``neg_text``/``neg_mask`` may be None
+      (null-text guidance); ``lowres`` is read by SR stages only and ``init``
+      only with ``start_logsnr``.
+    """
+    s = settings
+
+    def run(params, text, mask, neg_text, neg_mask, rng, lowres, init):
+      kw = {}
+      if self.is_sr:
+        kw["lowres"] = lowres
+      if guided:
+        kw["negative_text"], kw["negative_mask"] = neg_text, neg_mask
+      if start_logsnr is not None:
+        kw["init_image"], kw["start_logsnr"] = init, start_logsnr
+      return to_uint8_image(self.sample(
+          params, text, mask, rng, sampler=s.sampler, num_steps=s.num_steps,
+          guidance_scale=s.guidance_scale if guided else 1.0,
+          threshold=s.threshold, percentile=s.percentile,
+          aug_level=s.aug_level, eta=s.eta, progress_fn=progress_fn, **kw))
+
+    return run

@@ -279,3 +279,53 @@ def test_async_save_error_surfaces_on_wait(tmp_path):
   ck.save(1, {"x": jnp.ones(3)}, {"data_position": 1})  # step 1 exists
   with pytest.raises(Exception, match="1"):
     ck.wait()
+
+
+def test_periodic_sample_grids_use_ema_params_and_sample_settings(
+    tmp_path, monkeypatch):
+  """Each grid shows the EMA params' samples drawn with ``config.sample``
+  (here DDIM with eta > 0 and guidance), and the sampler compiles once."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from imagen_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.stage import to_uint8_image  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_train_config(**{
+      "total_steps": 4, "log_every": 2, "checkpoint_every": 4,
+      "sample_every": 2, "num_samples": 3, "sample.num_steps": 3,
+      "sample.eta": 0.7, "sample.guidance_scale": 2.0,
+      "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
+  calls = []
+  original = loop._SampleGrid.__call__  # pylint: disable=protected-access
+
+  def spy(self, state, batch, step, writer):
+    seen = (jax.device_get(state.ema_params),
+            {k: np.asarray(v) for k, v in batch.items()}, step)
+    original(self, state, batch, step, writer)
+    calls.append(seen + (self._fn._cache_size(),))  # pylint: disable=protected-access
+
+  monkeypatch.setattr(loop._SampleGrid, "__call__", spy)  # pylint: disable=protected-access
+  workdir = tmp_path / "run"
+  loop.train(config, str(workdir), progress=False)
+  assert [c[2] for c in calls] == [2, 4]
+  assert [c[3] for c in calls] == [1, 1]  # the second grid compiled nothing
+  stage = Stage.from_config(config)
+
+  @jax.jit
+  def expected(params, text, mask, rng):
+    return to_uint8_image(stage.sample(
+        params, text, mask, rng, sampler="ddim", num_steps=3,
+        guidance_scale=2.0, eta=0.7))
+
+  grids = []
+  for params, batch, step, _ in calls:
+    want = np.asarray(expected(params, batch["text"][:3], batch["text_mask"][:3],
+                               jax.random.PRNGKey(step)))
+    got = np.asarray(Image.open(workdir / "samples" / f"step_{step:08d}.png"))
+    np.testing.assert_array_equal(got, np.asarray(images_lib.grid(want)))
+    grids.append(got)
+  assert not np.array_equal(grids[0], grids[1])  # params moved, new noise
+  tags = set()
+  for path in (workdir).glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      tags.update((event.step, v.tag) for v in event.summary.value)
+  assert {(2, "samples"), (4, "samples")} <= tags

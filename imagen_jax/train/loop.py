@@ -29,7 +29,7 @@ from imagen_jax import images as images_lib
 from imagen_jax import parallel
 from imagen_jax.data import pipeline
 from imagen_jax.data import sources
-from imagen_jax.stage import Stage, to_uint8_image
+from imagen_jax.stage import Stage, StageSettings
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
@@ -259,6 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   last_metrics: dict = {}
   stop = min(total, stop_at) if stop_at else total
   eval_batch = None
+  sample_grid = None
   t_start = time.perf_counter()
   if progress and jax.process_index() == 0:
     print(f"training {workdir}: step {start_step} -> {stop} of {total}, "
@@ -311,8 +312,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         if int(config.sample_every) and step % int(config.sample_every) == 0:
           if eval_batch is None:
             eval_batch = source.local_batch(0)
-          _sample_grid(stage, state, eval_batch, config, workdir, step, writer,
-                       mesh)
+          if sample_grid is None:
+            sample_grid = _SampleGrid(stage, config, workdir, mesh)
+          sample_grid(state, eval_batch, step, writer)
         if sigterm.raised:
           save(step, "preempted")
           ckpt.wait()
@@ -330,25 +332,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           "losses": [float(x) for x in jax.device_get(losses)], "state": state}
 
 
-def _sample_grid(stage: Stage, state, batch: dict, config, workdir: str,
-                 step: int, writer, mesh) -> None:
-  """Samples the first examples' captions with the EMA params; PNG + TB."""
-  n = min(int(config.num_samples), batch["text"].shape[0])
-  s = config.sample
-  kw = {}
-  if stage.is_sr:
-    kw["lowres"] = jnp.asarray(batch["lowres"][:n])
-  fn = jax.jit(lambda p, t, m, r, **k: stage.sample(
-      p, t, m, r, sampler=s.sampler, num_steps=int(s.num_steps),
-      guidance_scale=float(s.guidance_scale), threshold=s.threshold,
-      percentile=float(s.percentile), aug_level=float(s.aug_level), **k))
-  with parallel.sharding_context(mesh):
-    images = fn(state.ema_params, jnp.asarray(batch["text"][:n]),
-                jnp.asarray(batch["text_mask"][:n]), jax.random.PRNGKey(step),
-                **kw)
-  images = np.asarray(jax.device_get(to_uint8_image(images)))
-  if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    images_lib.save_grid(images, os.path.join(workdir, "samples",
-                                             f"step_{step:08d}.png"))
-    writer.write_images(step, {"samples": images})
+class _SampleGrid:
+  """Periodic samples of the first examples' captions, with the EMA params.
+
+  Draws with ``config.sample`` exactly as ``Cascade.sample`` would
+  (``Stage.uint8_sampler``), and compiles once per run: every later grid
+  reuses the compiled sampling loop. Writes ``samples/step_N.png`` and a
+  TensorBoard image.
+  """
+
+  def __init__(self, stage: Stage, config, workdir: str, mesh):
+    self._settings = StageSettings.from_config(config.sample)
+    self._num = int(config.num_samples)
+    self._dir = os.path.join(workdir, "samples")
+    self._mesh = mesh
+    self._fn = jax.jit(stage.uint8_sampler(
+        self._settings, guided=self._settings.guidance_scale != 1.0))
+    self._is_sr = stage.is_sr
+
+  def __call__(self, state, batch: dict, step: int, writer) -> None:
+    n = min(self._num, batch["text"].shape[0])
+    text = jnp.asarray(batch["text"][:n])
+    mask = jnp.asarray(batch["text_mask"][:n])
+    # Unused inputs get 1-pixel stand-ins (the sampler never reads them).
+    lowres = (jnp.asarray(batch["lowres"][:n]) if self._is_sr
+              else jnp.zeros((n, 1, 1, 3), jnp.uint8))
+    with parallel.sharding_context(self._mesh):
+      images = self._fn(state.ema_params, text, mask, None, None,
+                        jax.random.PRNGKey(step), lowres,
+                        jnp.zeros((n, 1, 1, 3), jnp.uint8))
+    images = np.asarray(jax.device_get(images))
+    if jax.process_index() == 0:
+      images_lib.save_grid(images, os.path.join(self._dir,
+                                               f"step_{step:08d}.png"))
+      writer.write_images(step, {"samples": images})
