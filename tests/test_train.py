@@ -71,6 +71,7 @@ def test_tiny_run_learns_and_keeps_max_checkpoints(tmp_path):
   config = helpers.tiny_train_config(**{"total_steps": 300, "log_every": 100,
                                         "checkpoint_every": 50,
                                         "keep_checkpoints": 2,
+                                        "keep_period": 100,
                                         "mesh.shape": (1, 1, 1),
                                         "mesh.num_devices": 1})
   workdir = str(tmp_path / "learn")
@@ -97,8 +98,9 @@ def test_tiny_run_learns_and_keeps_max_checkpoints(tmp_path):
   assert end < 0.3 * start, (start, end)
   # TensorBoard got the scalar "loss" every log_every steps.
   assert sorted(helpers.read_scalars(workdir, "loss")) == [100, 200, 300]
-  # keep_checkpoints = 2
-  assert Checkpointer(workdir).all_steps() == [250, 300]
+  # keep_checkpoints = 2 (the newest two), plus every keep_period-th step
+  # (50 and 150 were deleted)
+  assert Checkpointer(workdir).all_steps() == [100, 200, 250, 300]
 
 
 def test_nan_guard_skips_bitwise_and_stops(tmp_path, monkeypatch):
