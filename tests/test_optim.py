@@ -145,6 +145,13 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
   temp_accum = step.compiled(state, batch).memory_analysis().temp_size_in_bytes
   new_state, m = step(state, batch)
   np.testing.assert_allclose(float(m["loss"]), np.mean(losses), rtol=1e-5)
+  # Per-noise-level losses cover every example of all micro-batches once,
+  # and their count-weighted mean is the loss (equal micro-batch sizes).
+  counts = np.array([float(m[f"count_t{i}"]) for i in range(4)])
+  bucket = np.array([float(m[f"loss_t{i}"]) for i in range(4)])
+  assert counts.sum() == 16 and (counts > 0).sum() >= 2, counts
+  np.testing.assert_allclose((bucket * counts).sum() / 16, np.mean(losses),
+                             rtol=1e-5)
   np.testing.assert_allclose(float(m["grad_norm"]),
                              float(optax.global_norm(mean_grad)), rtol=1e-4)
   for got, ref in zip(jax.tree_util.tree_leaves(jax.device_get(new_state.params)),
