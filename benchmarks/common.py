@@ -38,34 +38,10 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1
 
 def matmul_peak_flops(sizes: Sequence[int] | None = None, repeats: int = 5,
                       dtype=jnp.float32, precision=None) -> float:
-  """This machine's measured matmul FLOP/s (best over sizes).
-
-  Args:
-    sizes: square sizes to try; default 1024-3072 on CPU, 4096-8192 on an
-      accelerator (a GPU needs large products to fill its matrix units).
-    repeats: timed products per size (median).
-    dtype: operand dtype: float32 for the CPU targets, bfloat16 for the peak
-      that bf16-compute runs on accelerators are measured against.
-    precision: ``jax.lax.Precision`` of the product; None is XLA's default
-      (on NVIDIA GPUs a float32 product then runs on TF32 tensor cores).
-
-  Returns:
-    The best FLOP/s over ``sizes``, on random operands (zeros can run faster
-    than real data on GPUs).
-  """
-  if sizes is None:
-    sizes = ((1024, 2048, 3072) if jax.default_backend() == "cpu"
-             else (4096, 8192))
-  best = 0.0
-  for n in sizes:
-    ka, kb = jax.random.split(jax.random.PRNGKey(n))
-    a = jax.random.normal(ka, (n, n), dtype)
-    b = jax.random.normal(kb, (n, n), dtype)
-    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
-    block(f(a, b))
-    secs = time_call(lambda: block(f(a, b)), repeats=repeats)
-    best = max(best, 2.0 * n**3 / secs)
-  return best
+  """This machine's measured matmul FLOP/s, best over sizes (the training
+  loop's own measurement, ``metrics.measure_matmul_flops``: see there)."""
+  from imagen_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.measure_matmul_flops(sizes, repeats, dtype, precision)
 
 
 def machine_line() -> str:

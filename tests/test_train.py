@@ -331,3 +331,14 @@ def test_periodic_sample_grids_use_ema_params_and_sample_settings(
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       tags.update((event.step, v.tag) for v in event.summary.value)
   assert {(2, "samples"), (4, "samples")} <= tags
+
+
+def test_peak_flops_config_wins_else_cpu_measures():
+  assert metrics_lib.peak_flops_per_device(5e12) == (5e12, "config")
+  peak, source = metrics_lib.peak_flops_per_device()
+  assert source == "measured (cpu matmul)"
+  # The host's measured float32 matmul rate, split over the virtual devices.
+  total = peak * len(jax.local_devices())
+  assert 1e8 < total < 1e13, total
+  one = metrics_lib.measure_matmul_flops(sizes=(256,), repeats=2)
+  assert 1e8 < one < 1e13, one

@@ -19,6 +19,47 @@ PEAK_FLOPS = {
 }
 
 
+def measure_matmul_flops(sizes=None, repeats: int = 5, dtype=None,
+                         precision=None) -> float:
+  """This machine's measured matmul FLOP/s on the default device.
+
+  The one measurement behind the CPU fallback of ``peak_flops_per_device``
+  and the "of matmul peak" columns of benchmarks/.
+
+  Args:
+    sizes: square sizes to try; default 1024-3072 on CPU, 4096-8192 on an
+      accelerator (a GPU needs large products to fill its matrix units).
+    repeats: timed products per size (median of them).
+    dtype: operand dtype (default float32; bfloat16 for the peak that
+      bf16-compute runs on accelerators are measured against).
+    precision: ``jax.lax.Precision`` of the product; None is XLA's default
+      (on NVIDIA GPUs a float32 product then runs on TF32 tensor cores).
+
+  Returns:
+    The best FLOP/s over ``sizes``, on random operands (zeros can run faster
+    than real data on GPUs).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dtype = dtype or jnp.float32
+  if sizes is None:
+    sizes = ((1024, 2048, 3072) if jax.default_backend() == "cpu"
+             else (4096, 8192))
+  best = 0.0
+  for n in sizes:
+    ka, kb = jax.random.split(jax.random.PRNGKey(n))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    best = max(best, 2.0 * n**3 / float(np.median(times)))
+  return best
+
+
 def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
   """(peak FLOP/s of one device, where the figure came from).
 
@@ -32,16 +73,8 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     if kind.startswith(name) or name in kind:
       return flops, f"table ({kind})"
   if jax.devices()[0].platform == "cpu":
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = 0.0
-    for _ in range(3):
-      t = time.perf_counter()
-      f(a).block_until_ready()
-      best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    # One size, few repeats: this runs at every training start.
+    best = measure_matmul_flops(sizes=(1024,), repeats=3)
     # All virtual CPU devices share the host's cores.
     return best / max(len(jax.local_devices()), 1), "measured (cpu matmul)"
   return 0.0, f"unknown device kind {kind!r}: set config.peak_flops"
