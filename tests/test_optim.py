@@ -21,6 +21,18 @@ def _tree(scale):
           "b": {"c": jnp.asarray(rs.randn(5) * scale, jnp.float32)}}
 
 
+def _one_device_setup(seed, **overrides):
+  """(config, mesh, stage, batch of 16) for one-device tiny train steps."""
+  config = helpers.tiny_train_config(**{"mesh.shape": (1, 1, 1),
+                                        "mesh.num_devices": 1, **overrides})
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  rs = np.random.RandomState(seed)
+  batch = {"image": rs.randint(0, 255, (16, 16, 16, 3)).astype(np.uint8),
+           "text": rs.randn(16, 16, 32).astype(np.float32),
+           "text_mask": np.ones((16, 16), bool)}
+  return config, mesh, Stage.from_config(config), batch
+
+
 @pytest.mark.parametrize("scale", [0.01, 10.0])   # below / above the threshold
 def test_clip_matches_optax_with_and_without_a_given_norm(scale):
   g = _tree(scale)
@@ -41,15 +53,8 @@ def test_clip_matches_optax_with_and_without_a_given_norm(scale):
 
 def test_train_step_equals_optax_clip_chain():
   """One clipped step with our chain == optax's clip + Adam, and one fewer norm."""
-  config = helpers.tiny_train_config(**{"mesh.shape": (1, 1, 1),
-                                        "mesh.num_devices": 1,
-                                        "optimizer.grad_clip": 1e-3})
-  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
-  stage = Stage.from_config(config)
-  rs = np.random.RandomState(0)
-  batch = {"image": rs.randint(0, 255, (16, 16, 16, 3)).astype(np.uint8),
-           "text": rs.randn(16, 16, 32).astype(np.float32),
-           "text_mask": np.ones((16, 16), bool)}
+  config, mesh, stage, batch = _one_device_setup(
+      0, **{"optimizer.grad_clip": 1e-3})
   ours, lr = optim.make_optimizer(config.optimizer, 10)
   o = config.optimizer
   ref = optax.chain(optax.clip_by_global_norm(1e-3),
@@ -110,15 +115,8 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
   micro-batches (rows j::k, each with randomness fold_in(step key, j)), loss
   the mean of theirs; and the step's compiled temp memory shrinks."""
   k = 4
-  config = helpers.tiny_train_config(**{"mesh.shape": (1, 1, 1),
-                                        "mesh.num_devices": 1,
-                                        "optimizer.grad_accum": k})
-  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
-  stage = Stage.from_config(config)
-  rs = np.random.RandomState(1)
-  batch = {"image": rs.randint(0, 255, (16, 16, 16, 3)).astype(np.uint8),
-           "text": rs.randn(16, 16, 32).astype(np.float32),
-           "text_mask": np.ones((16, 16), bool)}
+  config, mesh, stage, batch = _one_device_setup(
+      1, **{"optimizer.grad_accum": k})
   tx, lr = optim.make_optimizer(config.optimizer, 10)
   _, sh = state_lib.state_shardings(stage.unet, build.unet_inputs(config, 1, 4),
                                     tx, mesh)
