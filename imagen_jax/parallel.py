@@ -100,9 +100,22 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
   devices = list(devices if devices is not None else jax.devices())
   if dcn_shape is not None and int(np.prod(dcn_shape)) > 1:
-    per_slice = len(devices) // int(np.prod(dcn_shape))
-    ici = resolve_mesh_shape(shape, per_slice)
-    grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn_shape), devices)
+    slices = int(np.prod(dcn_shape))
+    # TPU slices are the DCN granules (devices carry their slice_index);
+    # elsewhere (GPU clusters, CPU hosts) each process is one. CPU devices
+    # also report a slice_index, always 0, hence the platform test.
+    by_process = devices[0].platform != "tpu"
+    granules = len({d.process_index if by_process else d.slice_index
+                    for d in devices})
+    if granules != slices:
+      raise ValueError(
+          f"mesh.dcn_shape={tuple(dcn_shape)} asks for {slices} slices but "
+          f"the devices form {granules} "
+          f"({'processes' if by_process else 'TPU slices'}); set "
+          f"mesh.dcn_shape to a shape whose product is {granules}.")
+    ici = resolve_mesh_shape(shape, len(devices) // slices)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, tuple(dcn_shape), devices, process_is_granule=by_process)
     return Mesh(grid, MESH_AXES)
   concrete = resolve_mesh_shape(shape, len(devices))
   try:

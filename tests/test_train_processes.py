@@ -122,16 +122,23 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mesh_args", [
+    ["--config.mesh.shape=(8,1,1)"],
+    # Each process as one DCN granule (as GPU hosts are): a (4,1,1) mesh per
+    # process, two of them along data.
+    ["--config.mesh.shape=(4,1,1)", "--config.mesh.dcn_shape=(2,1,1)"],
+], ids=["one_mesh", "hybrid_dcn"])
+def test_two_processes_match_one(tmp_path, mesh_args):
   common = ["--config.total_steps=4", "--config.log_every=1",
-            "--config.checkpoint_every=4", "--config.mesh.shape=(8,1,1)"]
-  one = _popen(str(tmp_path / "one"), *common)
+            "--config.checkpoint_every=4"]
+  one = _popen(str(tmp_path / "one"), *common, "--config.mesh.shape=(8,1,1)")
   _, err = one.communicate(timeout=900)
   assert one.returncode == 0, err[-2000:]
   port = _free_port()
   env = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace(
       "device_count=8", "device_count=4")}
-  procs = [_popen(str(tmp_path / "two"), *common, f"--coordinator=localhost:{port}",
+  procs = [_popen(str(tmp_path / "two"), *common, *mesh_args,
+                  f"--coordinator=localhost:{port}",
                   "--num_processes=2", f"--process_id={i}", env=env)
            for i in range(2)]
   for p in procs:
@@ -149,6 +156,10 @@ def test_two_processes_match_one(tmp_path):
     (["--config.batch_size=12", "--config.mesh.shape=(8,1,1)"],
      "batch_size 12 is not divisible by the 8 data-parallel devices"),
     (["--config.mesh.shape=(16,1,1)"], "needs 16 devices but 8 are present"),
+    (["--config.mesh.dcn_shape=(3,1,1)"],
+     r"dcn_shape=\(3, 1, 1\) does not split the 8 devices"),
+    (["--config.mesh.shape=(4,1,1)", "--config.mesh.dcn_shape=(2,1,1)"],
+     r"asks for 2 slices but the devices form 1 \(processes\)"),
 ])
 def test_cli_bad_input_one_line_exit_2(tmp_path, args, match):
   res = helpers.run_cli("imagen_jax.train", TINY, f"--workdir={tmp_path}/w", *args)

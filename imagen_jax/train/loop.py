@@ -79,16 +79,26 @@ def run_as_cli(prog: str, fn, *args, **kwargs) -> int:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple:
   """Checks the config against itself and the devices; returns the mesh shape."""
+  # With mesh.dcn_shape (multi-slice / multi-host), mesh.shape is each
+  # slice's shape and the global mesh is their product, axis by axis.
+  dcn = tuple(int(d) for d in config.mesh.dcn_shape)
+  slices = int(np.prod(dcn))
+  if len(dcn) != 3 or slices < 1 or num_devices % slices:
+    raise ConfigError(f"mesh.dcn_shape={dcn} does not split the {num_devices} "
+                      "devices into equal slices; give 3 sizes whose product "
+                      f"divides {num_devices}.")
   try:
-    mesh_shape = parallel.resolve_mesh_shape(config.mesh.shape, num_devices)
+    mesh_shape = parallel.resolve_mesh_shape(config.mesh.shape,
+                                             num_devices // slices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  data_par = mesh_shape[0] * mesh_shape[1]
+  global_shape = tuple(m * d for m, d in zip(mesh_shape, dcn))
+  data_par = global_shape[0] * global_shape[1]
   accum = int(config.optimizer.grad_accum)
   if int(config.batch_size) % (data_par * accum):
     raise ConfigError(
         f"batch_size {config.batch_size} is not divisible by the {data_par} "
-        f"data-parallel devices (mesh {mesh_shape}) x grad_accum {accum}; "
+        f"data-parallel devices (mesh {global_shape}) x grad_accum {accum}; "
         f"use a multiple of {data_par * accum}.")
   if int(config.batch_size) % jax.process_count():
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by "
@@ -199,9 +209,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                         f"{len(devices)} devices are present.")
     devices = devices[:int(config.mesh.num_devices)]
   mesh_shape = validate(config, len(devices))
-  mesh = parallel.make_mesh(mesh_shape, devices,
-                            dcn_shape=tuple(config.mesh.dcn_shape)
-                            if int(np.prod(config.mesh.dcn_shape)) > 1 else None)
+  try:
+    mesh = parallel.make_mesh(mesh_shape, devices,
+                              dcn_shape=tuple(config.mesh.dcn_shape)
+                              if int(np.prod(config.mesh.dcn_shape)) > 1 else None)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   check_workdir_config(workdir, config)
   stage = Stage.from_config(config)
   total = int(config.total_steps)
