@@ -157,12 +157,12 @@ def main():
   rows = []
   for steps in (int(s) for s in args.steps.split(",")):
     ours = _run_worker("jax", args.batch, steps)
-    rows.append([f"imagen_jax cascade", steps, "/".join(map(str, ours["params"])),
+    rows.append(["imagen_jax cascade", steps, "/".join(map(str, ours["params"])),
                  ours["secs"], args.batch / ours["secs"], ours["compile_s"],
                  ours["lowerings"], ours["rss"] / 2**20, "1.00"])
     if not args.no_torch:
       theirs = _run_worker("torch", args.batch, steps)
-      rows.append([f"  imagen-pytorch same U-Nets", steps,
+      rows.append(["  imagen-pytorch same U-Nets", steps,
                    "/".join(map(str, theirs["params"])), theirs["secs"],
                    args.batch / theirs["secs"], "-", "-", theirs["rss"] / 2**20,
                    f"{theirs['secs'] / ours['secs']:.2f}"])

@@ -99,8 +99,8 @@ def main():
     loop_s = common.time_call(lambda: common.block(fn(jax.random.PRNGKey(1))),
                               repeats=5) / steps
     rows.append([sampler, loop_s * 1e6, unet_s * 1e6, loop_s / unet_s])
-  print(f"\nSampler loop overhead per step (exact denoiser) vs one guided "
-        f"U-Net call (target < 5%)")
+  print("\nSampler loop overhead per step (exact denoiser) vs one guided "
+        "U-Net call (target < 5%)")
   common.print_table(["sampler", "loop us/step", "U-Net us/call", "ratio"], rows)
 
 

@@ -20,7 +20,6 @@ import argparse
 import random
 
 import common
-import jax
 import numpy as np
 
 from imagen_jax.data import captions as captions_lib

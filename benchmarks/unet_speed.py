@@ -73,7 +73,6 @@ def _jax_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
 def _torch_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
   import importlib.util
   import math
-  import time
   import types
 
   import torch
@@ -195,7 +194,7 @@ def main():
       ynn = _run_worker("jax", variant, args.batch, args.text_len, args.dtype,
                         keep_xla_flags=True)
       fs = ynn["flops"] / ynn["secs"]
-      rows.append([f"  same, XLA default (YNNPACK)", ynn["params"],
+      rows.append(["  same, XLA default (YNNPACK)", ynn["params"],
                    ynn["secs"] * 1e3, args.batch / ynn["secs"],
                    ynn["flops"] / 1e9, fs / 1e9, fs / ynn["peak"],
                    ynn["compiled_mem"] / 2**20, ynn["rss"] / 2**20,
@@ -205,7 +204,7 @@ def main():
       theirs = _run_worker("torch", variant, args.batch, args.text_len,
                            args.dtype)
       fs = theirs["flops"] / theirs["secs"]
-      rows.append([f"  imagen-pytorch same config", theirs["params"],
+      rows.append(["  imagen-pytorch same config", theirs["params"],
                    theirs["secs"] * 1e3, args.batch / theirs["secs"],
                    theirs["flops"] / 1e9, fs / 1e9, fs / peak, "-",
                    theirs["rss"] / 2**20, theirs["device_peak_mem"] / 2**20,

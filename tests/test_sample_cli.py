@@ -1,7 +1,6 @@
 """imagen-sample and imagen-export CLIs: outputs, sidecar, one-line errors."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,7 +1,6 @@
 """Training: mesh equivalence, learning, NaN guard, checkpoints, bad input."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp

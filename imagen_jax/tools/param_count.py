@@ -9,12 +9,10 @@ resolution with ``--text_len`` text tokens.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
 from imagen_jax import build
