@@ -36,7 +36,7 @@ ACTIVATIONS = (None, "silu")
 
 def _group_stats(xf: jax.Array, groups: int, eps: float
                  ) -> tuple[jax.Array, jax.Array]:
-  """Per-(example, group) mean and 1/std of ``xf`` ``[B, N, C]`` float32."""
+  """Per-(example, group) mean and std of ``xf`` ``[B, N, C]`` float32."""
   b, n, c = xf.shape
   count = n * (c // groups)
   # Reduce over N per channel first, then over the group's channels: XLA:CPU
@@ -45,7 +45,7 @@ def _group_stats(xf: jax.Array, groups: int, eps: float
   s2 = jnp.sum(jnp.square(xf), axis=1).reshape(b, groups, -1).sum(-1)  # [B, G]
   mean = s1 / count
   var = jnp.maximum(s2 / count - jnp.square(mean), 0.0)
-  return mean, jax.lax.rsqrt(var + eps)
+  return mean, jnp.sqrt(var + eps)
 
 
 def _per_channel(v: jax.Array, c: int) -> jax.Array:
@@ -53,12 +53,23 @@ def _per_channel(v: jax.Array, c: int) -> jax.Array:
   return jnp.repeat(v, c // v.shape[1], axis=1)
 
 
-def _affine(mean, rstd, scale, shift, c):
-  """Folds stats and affine into y = x * a + b per (example, channel)."""
-  rstd_c = _per_channel(rstd, c)                     # [B, C]
+def _affine(mean, std, scale, shift, c):
+  """Folds stats and affine into y = x * a + b per (example, channel).
+
+  Every [B, C] coefficient here and in the backward pass ends in a divide.
+  XLA fuses cheap producers into their consumers, and the consumers are
+  full-size loops that broadcast the coefficients over H x W: a coefficient
+  ending in a multiply or add (with the FiLM projection and the statistics
+  behind it) was recomputed for every pixel, and those loops ran at a third
+  of their memory speed on XLA:CPU. A divide counts as expensive, and XLA
+  does not copy an expensive op into a consumer that reuses its elements, so
+  the coefficients are computed once.
+  """
+  std_c = _per_channel(std, c)                       # [B, C]
   mean_c = _per_channel(mean, c)                     # [B, C]
-  a = rstd_c * scale
-  return a, shift - mean_c * a, mean_c, rstd_c
+  a = scale / std_c
+  b = (shift * std_c - mean_c * scale) / std_c       # shift - mean * a
+  return a, b, mean_c, std_c
 
 
 def _activate(u: jax.Array, act: Optional[str]) -> jax.Array:
@@ -84,24 +95,25 @@ def _fused(x, scale, shift, groups, eps, act, dtype):
 def _fused_fwd(x, scale, shift, groups, eps, act, dtype):
   c = x.shape[-1]
   xf = x.astype(jnp.float32)                         # [B, N, C]
-  mean, rstd = _group_stats(xf, groups, eps)
-  a, b, _, _ = _affine(mean, rstd, scale, shift, c)
+  mean, std = _group_stats(xf, groups, eps)
+  a, b, _, _ = _affine(mean, std, scale, shift, c)
   u = xf * a[:, None, :] + b[:, None, :]
-  return _activate(u, act).astype(dtype), (x, mean, rstd, scale, shift)
+  return _activate(u, act).astype(dtype), (x, mean, std, scale, shift)
 
 
 def _fused_bwd(groups, eps, act, dtype, res, dy):
   del eps, dtype
-  x, mean, rstd, scale, shift = res
+  x, mean, std, scale, shift = res
   c = x.shape[-1]
   n = x.shape[1]
   xf = x.astype(jnp.float32)                         # [B, N, C]
-  a, b, mean_c, rstd_c = _affine(mean, rstd, scale, shift, c)
+  a, b, mean_c, std_c = _affine(mean, std, scale, shift, c)
   g = dy.astype(jnp.float32)
   if act == "silu":
     u = xf * a[:, None, :] + b[:, None, :]
     sig = jax.nn.sigmoid(u)
     g = g * sig * (1.0 + u * (1.0 - sig))
+  rstd_c = 1.0 / std_c
   xhat = (xf - mean_c[:, None, :]) * rstd_c[:, None, :]
   d_shift = jnp.sum(g, axis=1)                       # [B, C]
   d_scale = jnp.sum(g * xhat, axis=1)                # [B, C]
@@ -112,9 +124,10 @@ def _fused_bwd(groups, eps, act, dtype, res, dy):
   m2 = (scale * d_scale).reshape(bsz, groups, -1).sum(-1) / count  # [B, G]
   m1_c, m2_c = _per_channel(m1, c), _per_channel(m2, c)
   # dx = rstd * (g * scale - m1 - xhat * m2), folded into g * k + x * k1 + k0.
-  k = rstd_c * scale
-  k1 = -jnp.square(rstd_c) * m2_c
-  k0 = -rstd_c * m1_c - mean_c * k1
+  # (Divides for the reason in _affine.)
+  k = scale / std_c
+  k1 = -m2_c / jnp.square(std_c)
+  k0 = -(m1_c + mean_c * k1 * std_c) / std_c        # -rstd * m1 - mean * k1
   dx = g * k[:, None, :] + xf * k1[:, None, :] + k0[:, None, :]
   return dx.astype(x.dtype), d_scale, d_shift
 
