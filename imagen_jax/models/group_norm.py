@@ -31,6 +31,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models.channel_sum import channel_sum_per_example
+
 ACTIVATIONS = (None, "silu")
 
 
@@ -41,8 +43,9 @@ def _group_stats(xf: jax.Array, groups: int, eps: float
   count = n * (c // groups)
   # Reduce over N per channel first, then over the group's channels: XLA:CPU
   # is slow at reductions that keep a middle (group) axis.
-  s1 = jnp.sum(xf, axis=1).reshape(b, groups, -1).sum(-1)            # [B, G]
-  s2 = jnp.sum(jnp.square(xf), axis=1).reshape(b, groups, -1).sum(-1)  # [B, G]
+  s1 = channel_sum_per_example(xf).reshape(b, groups, -1).sum(-1)    # [B, G]
+  s2 = channel_sum_per_example(jnp.square(xf)).reshape(
+      b, groups, -1).sum(-1)                                         # [B, G]
   mean = s1 / count
   var = jnp.maximum(s2 / count - jnp.square(mean), 0.0)
   return mean, jnp.sqrt(var + eps)
@@ -115,8 +118,8 @@ def _fused_bwd(groups, eps, act, dtype, res, dy):
     g = g * sig * (1.0 + u * (1.0 - sig))
   rstd_c = 1.0 / std_c
   xhat = (xf - mean_c[:, None, :]) * rstd_c[:, None, :]
-  d_shift = jnp.sum(g, axis=1)                       # [B, C]
-  d_scale = jnp.sum(g * xhat, axis=1)                # [B, C]
+  d_shift = channel_sum_per_example(g)               # [B, C]
+  d_scale = channel_sum_per_example(g * xhat)        # [B, C]
   count = n * (c // groups)
   bsz = x.shape[0]
   # Group means of dxhat = g * scale and of dxhat * xhat, from the [B, C] sums.
