@@ -17,6 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+# Benchmarks run as the console commands do: under TCMalloc where installed
+# (imagen_jax/host_malloc.py; IMAGEN_JAX_MALLOC=system for glibc). Worker
+# subprocesses, ours and the PyTorch references alike, inherit the preload,
+# so side-by-side rows always share one allocator (named in machine_line).
+from imagen_jax import host_malloc  # pylint: disable=g-import-not-at-top,g-bad-import-order
+host_malloc.maybe_reexec()
+
 
 def block(x):
   """Waits for every array in a pytree."""
@@ -45,7 +52,7 @@ def matmul_peak_flops(sizes: Sequence[int] | None = None, repeats: int = 5,
 
 
 def machine_line() -> str:
-  """One line naming the date, CPU/accelerator and core count."""
+  """One line naming the date, CPU/accelerator, core count and allocator."""
   dev = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
   try:
@@ -58,7 +65,7 @@ def machine_line() -> str:
     pass
   return (f"{datetime.date.today().isoformat()} | {dev.platform} "
           f"({dev.device_kind}) | {cpu} | {os.cpu_count()} cores | "
-          f"jax {jax.__version__}")
+          f"jax {jax.__version__} | malloc {host_malloc.loaded_allocator()}")
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

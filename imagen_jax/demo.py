@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from imagen_jax import demo_config
 from imagen_jax import fileio
+from imagen_jax import host_malloc
 
 PROG = "imagen-demo"
 _F: dict = {}
@@ -140,6 +141,7 @@ def main(argv) -> int:
 
 def run_main() -> None:
   """Console-script entry point."""
+  host_malloc.maybe_reexec()
   from imagen_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(PROG))

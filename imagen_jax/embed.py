@@ -26,6 +26,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from imagen_jax import host_malloc
+
+
 def store_path(config, workdir: str) -> str:
   """Where a config's embedding store lives."""
   return config.data.store or os.path.join(workdir, "embeddings")
@@ -192,6 +195,7 @@ def main(argv) -> int:
 
 def run_main():
   """Console-script entry point."""
+  host_malloc.maybe_reexec()
   from imagen_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(PROG))

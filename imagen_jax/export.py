@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from imagen_jax import host_malloc
+
 PROG = "imagen-export"
 
 
@@ -39,6 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_main() -> None:
   """Console-script entry point."""
+  host_malloc.maybe_reexec()
   sys.exit(main())
 
 

@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from imagen_jax import host_malloc
+
 PROG = "imagen-sample"
 SETTING_FIELDS = ("sampler", "num_steps", "guidance_scale", "threshold",
                   "percentile", "aug_level", "eta")
@@ -185,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_main() -> None:
   """Console-script entry point."""
+  host_malloc.maybe_reexec()
   sys.exit(main())
 
 

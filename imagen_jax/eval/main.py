@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import fileio
+from imagen_jax import host_malloc
 
 PROG = "imagen-eval"
 
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
 
 def run_main() -> None:
   """Console-script entry point."""
+  host_malloc.maybe_reexec()
   sys.exit(main())
 
 

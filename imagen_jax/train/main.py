@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
+from imagen_jax import host_malloc
 
 PROG = "imagen-train"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
@@ -48,6 +49,7 @@ def main(argv) -> int:
 
 def run_main():
   """Console-script entry point."""
+  host_malloc.maybe_reexec()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(PROG))
 
 
