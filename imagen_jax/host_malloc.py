@@ -9,9 +9,9 @@ kernel page zeroing per base64:cpu step on the 2-core benchmark host. No
 glibc setting avoids it (threads' arenas fall back to ``mmap`` whatever
 ``M_MMAP_MAX`` says, and ``MALLOC_ARENA_MAX=1`` makes the step 40% slower
 from lock contention). TCMalloc keeps freed spans mapped and hands them back,
-so the faults go to zero; the base64:cpu forward+backward ran 12% faster
-(benchmarks/RESULTS.md, seventh session), imagen-pytorch's step (many small
-tensors, which glibc already reuses) not measurably.
+so the faults go to zero: the base64:cpu forward+backward ran 8-12% faster
+and the sr256:cpu train step 45% faster (benchmarks/RESULTS.md, seventh
+session).
 
 A preload must be in place when the process starts, so the console entry
 points call ``maybe_reexec()`` first: it re-executes the same command line
