@@ -86,7 +86,8 @@ def main():
   print(common.machine_line())
   # (name, stored size, format, stage res, low-res, batch, step images/s)
   # step images/s: demo base ~95, demo SR ~28 (logs of imagen-demo on this
-  # machine), sr256:cpu-like 64 px step from train_speed (~23 img/s).
+  # machine), the 32-wide 64 px SR step (sr256:cpu base_channels=32) from
+  # train_speed (~23 img/s).
   cases = [("demo base 16px (64px PNG)", 64, "PNG", 16, 0, 32, 95.0),
            ("demo SR 16->64 (64px PNG)", 64, "PNG", 64, 16, 8, 28.0),
            ("SR 64->256 (512px JPEG)", 512, "JPEG", 256, 64, 8, None)]

@@ -3,7 +3,8 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_speed.py
 
 1. CPU-scale configs (base64:cpu, sr256:cpu) on this machine, one device,
-   at batch 8 and at the config's own batch (32, 16): steps/s, images/s,
+   at batch 8 and at the config's own batch (32, 16), plus sr256:cpu at its
+   former base width of 32 (the demo SR stage's): steps/s, images/s,
    achieved TFLOP/s (XLA cost analysis of the lowered step) and its
    fraction of the measured float32 matmul peak (median step time),
    compiled memory and peak host RSS.
@@ -73,10 +74,14 @@ def _setup(config, mesh):
   return stage, tx, lr, abstract, sh
 
 
-def cpu_throughput(name, batch, peak, dtype="float32"):
+def cpu_throughput(name, batch, peak, dtype="float32", base_channels=0):
   config = helpers.load_config(name, "cpu")
   config.batch_size = batch
   config.model.dtype = dtype
+  label = f"{name}:cpu {dtype}"
+  if base_channels:
+    config.model.base_channels = base_channels
+    label += f" base_channels={base_channels}"
   mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
   stage, tx, lr, abstract, sh = _setup(config, mesh)
   state = state_lib.init_state(stage.unet, config, tx, mesh, sh,
@@ -98,7 +103,7 @@ def cpu_throughput(name, batch, peak, dtype="float32"):
 
   secs = common.time_call(one_step, repeats=7, warmup=0)
   state = cell[0]
-  return [f"{name}:cpu {dtype}", build.count_params(state.params), batch,
+  return [label, build.count_params(state.params), batch,
           1 / secs, batch / secs, flops / secs / 1e12, flops / secs / peak,
           (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**20,
           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10]
@@ -252,6 +257,10 @@ def main():
         config_batch = int(helpers.load_config(name, "cpu").batch_size)
         for batch in sorted({args.batch, config_batch}):
           rows.append(cpu_throughput(name, batch, peak, dtype))
+      # sr256:cpu before its base width went 32 -> 64 (the demo's SR width):
+      # narrow convolutions on 64x64 maps are XLA:CPU's weak spot.
+      rows.append(cpu_throughput("sr256", config_batch, peak, dtype,
+                                 base_channels=32))
     print("\n1. CPU-scale train step, one device; measured matmul peak " +
           ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()) +
           " (each row against its dtype's)")

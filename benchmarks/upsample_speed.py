@@ -21,9 +21,9 @@ from imagen_jax.models import layers
 
 # (H, W, Cin, Cout) of the up-path resampling layers, input side.
 SHAPES = {
-    "sr256:cpu up_0": (32, 32, 32, 32),
-    "sr256:cpu up_1": (16, 16, 64, 32),
-    "sr256:cpu up_2": (8, 8, 128, 64),
+    "demo SR up_0": (32, 32, 32, 32),
+    "demo SR up_1": (16, 16, 64, 32),
+    "demo SR up_2": (8, 8, 128, 64),
     "base64:cpu up_1": (16, 16, 128, 128),
     "base64:cpu up_2": (8, 8, 192, 192),
 }

@@ -11,6 +11,12 @@ aug levels ~ U[0, 1] in training, 0.2 at sampling (0.1-0.3 is best).
 Variants (``--config=configs/sr256.py:VARIANT``): paper (default), cpu
 (16 -> 64), tiny (8 -> 32, tests).
 
+cpu variant: 64/128/256 channels (10.5M params), ~0.8 s per train step at
+its batch 16 on 2 cores (1500 steps: ~20 min). Its base width is 64, as in
+base64:cpu: at 32 channels XLA:CPU's convolutions on the 64x64 maps run at
+a fraction of the machine's matmul speed and elementwise work dominates
+(0.32-0.39 of the matmul peak vs 0.54; benchmarks/RESULTS.md).
+
 Launch (paper, after the shared embed pass):
   launch/tpu_pod.sh --tpu=imagen-v4-512 --zone=us-central2-b -- \
     imagen-train --config=configs/sr256.py --workdir=gs://BUCKET/sr256 \
@@ -50,7 +56,7 @@ def get_config(arg: str = "paper"):
   if arg == "cpu":
     config.resolution = 64
     config.lowres_resolution = 16
-    m.base_channels = 32
+    m.base_channels = 64
     m.channel_mult = (1, 2, 4)
     m.num_res_blocks = (1, 2, 2)
     m.self_attn = (False, False, True)
