@@ -1,17 +1,17 @@
 """Runs command-line jobs under TCMalloc, where it is installed.
 
 Why: XLA:CPU allocates one temporary buffer per executable run (312 MB for
-the base64:cpu training step at batch 8, ~350 MB for sr256:cpu at batch 16).
-glibc's malloc serves any block over 32 MB (64 MB in a thread's arena) with a
-fresh ``mmap`` and returns it with ``munmap`` on free, so every step
-page-faults and zeroes the whole buffer again: ~77,000 faults and ~36 ms of
-kernel page zeroing per base64:cpu step on the 2-core benchmark host. No
-glibc setting avoids it (threads' arenas fall back to ``mmap`` whatever
-``M_MMAP_MAX`` says, and ``MALLOC_ARENA_MAX=1`` makes the step 40% slower
-from lock contention). TCMalloc keeps freed spans mapped and hands them back,
-so the faults go to zero: the base64:cpu forward+backward ran 8-12% faster
-and the sr256:cpu train step 45% faster (benchmarks/RESULTS.md, seventh
-session).
+the base64:cpu training step at batch 8, ~350 MB for a 32-wide sr256:cpu
+at batch 16). glibc's malloc serves any block over 32 MB (64 MB in a
+thread's arena) with a fresh ``mmap`` and returns it with ``munmap`` on
+free, so every step page-faults and zeroes the whole buffer again: ~77,000
+faults and ~36 ms of kernel page zeroing per base64:cpu step on the 2-core
+benchmark host. No glibc setting avoids it (threads' arenas fall back to
+``mmap`` whatever ``M_MMAP_MAX`` says, and ``MALLOC_ARENA_MAX=1`` makes the
+step 40% slower from lock contention). TCMalloc keeps freed spans mapped and
+hands them back, so the faults go to zero: the base64:cpu forward+backward
+ran 8-12% faster and the 32-wide sr256:cpu train step 45% faster
+(benchmarks/RESULTS.md, seventh session).
 
 A preload must be in place when the process starts, so the console entry
 points call ``maybe_reexec()`` first: it re-executes the same command line
