@@ -216,6 +216,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   except ValueError as e:
     raise ConfigError(str(e)) from None
   check_workdir_config(workdir, config)
+  # First, while nothing else runs: on CPU the peak is a matmul measured now,
+  # and the checkpointer's background compile of its snapshot copy or the
+  # prefetch threads would share the cores with it (the demo's SR stage
+  # measured a third of the peak that way and logged MFU ~100%).
+  peak, peak_src = metrics_lib.peak_flops_per_device(float(config.peak_flops))
   stage = Stage.from_config(config)
   total = int(config.total_steps)
   tx, lr_schedule = optim.make_optimizer(config.optimizer, total)
@@ -261,10 +266,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   step_fn = make_train_step(stage, tx, lr_schedule, config, mesh, shardings)
   writer = metrics_lib.create_writer(workdir)
-  # Before the prefetcher starts: on CPU the peak is a matmul measured now,
-  # and the prefetch thread filling its queue would share the cores with it
-  # (the demo's SR stage once measured half its peak that way: MFU 104%).
-  peak, peak_src = metrics_lib.peak_flops_per_device(float(config.peak_flops))
   prefetch = pipeline.Prefetcher(source.local_batch, position,
                                  depth=int(config.prefetch))
   flops = 0.0
