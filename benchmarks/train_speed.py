@@ -259,8 +259,9 @@ def main():
           rows.append(cpu_throughput(name, batch, peak, dtype))
       # sr256:cpu before its base width went 32 -> 64 (the demo's SR width):
       # narrow convolutions on 64x64 maps are XLA:CPU's weak spot.
-      rows.append(cpu_throughput("sr256", config_batch, peak, dtype,
-                                 base_channels=32))
+      rows.append(cpu_throughput(
+          "sr256", int(helpers.load_config("sr256", "cpu").batch_size), peak,
+          dtype, base_channels=32))
     print("\n1. CPU-scale train step, one device; measured matmul peak " +
           ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()) +
           " (each row against its dtype's)")

@@ -96,6 +96,12 @@ _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
 
 
+def _gelu_input(y: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``z = y + bias`` and ``2a = k (z + c z^3)``, float32."""
+  z = (y + bias.astype(y.dtype)).astype(jnp.float32)
+  return z, _GELU_K * (z + _GELU_C * z * z * z)
+
+
 @jax.custom_vjp
 def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
   """``gelu(y + bias)`` (tanh approximation) with fast gradients.
@@ -113,10 +119,9 @@ def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
   Returns:
     ``gelu(y + bias)`` in the dtype of ``y``.
   """
-  z = (y + bias.astype(y.dtype)).astype(jnp.float32)
+  z, a2 = _gelu_input(y, bias)
   # Ends in a divide, z / (1 + exp(-2a)), so that XLA computes the output
   # once instead of copying it into the next matmul's transposed operand.
-  a2 = _GELU_K * (z + _GELU_C * z * z * z)
   return (z / (1.0 + jnp.exp(-a2))).astype(y.dtype)
 
 
@@ -126,7 +131,7 @@ def _bias_gelu_fwd(y, bias):
 
 def _bias_gelu_bwd(res, dy):
   y, bias = res
-  z = (y + bias.astype(y.dtype)).astype(jnp.float32)
+  z, a2 = _gelu_input(y, bias)
   # gelu(z) = z s with s = 1 / (1 + e), e = exp(-2a), 2a' = k (1 + 3 c z^2):
   # gelu'(z) = s + z s (1 - s) 2a' = (1 + e + z 2a' e) / (1 + e)^2. Written
   # to end in that divide so that XLA computes dz once: as a cheap product
@@ -135,7 +140,7 @@ def _bias_gelu_bwd(res, dy):
   # that on XLA:CPU; it is dropped before fusion).
   # exp clamped at e^40: beyond it gelu' < 1e-15 and (1 + e)^2 would
   # overflow float32 (inf / inf = nan).
-  e = jnp.exp(jnp.minimum(-_GELU_K * (z + _GELU_C * z * z * z), 40.0))
+  e = jnp.exp(jnp.minimum(-a2, 40.0))
   da2 = _GELU_K * (1.0 + 3.0 * _GELU_C * z * z)
   one_e = 1.0 + e
   dz = (dy.astype(jnp.float32) * (one_e + z * da2 * e)) / (one_e * one_e)
