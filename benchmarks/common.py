@@ -82,6 +82,102 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
+class StepWorker:
+  """A worker subprocess that times single steps on demand, for paired runs.
+
+  The worker (``script --worker ...``) builds and warms its model, calls
+  ``serve_steps``, and then times ``run N`` requests read from stdin. Two or
+  more workers stay alive side by side and the parent asks each in turn for
+  a few steps, so every framework is timed within seconds of the others:
+  on a shared host whose load drifts by 10-30% over a minute, the ratio of
+  two interleaved rounds is far steadier than the ratio of two separate
+  runs. Only one worker computes at any time; the others block on stdin.
+  """
+
+  def __init__(self, script: str, args: Sequence[str], env: dict | None = None):
+    import json  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    self._json = json
+    self._stderr = tempfile.TemporaryFile(mode="w+")
+    self._args = list(args)
+    self._proc = subprocess.Popen(
+        [sys.executable, script, *args], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+    self.info = self._expect("READY ")
+
+  def _expect(self, tag: str):
+    for line in self._proc.stdout:
+      if line.startswith(tag):
+        return self._json.loads(line[len(tag):])
+    self._stderr.seek(0)
+    raise RuntimeError(f"worker {self._args} failed:\n"
+                       f"{self._stderr.read()[-3000:]}")
+
+  def steps(self, n: int) -> list[float]:
+    """Times ``n`` single steps in the worker; returns their wall seconds."""
+    self._proc.stdin.write(f"run {n}\n")
+    self._proc.stdin.flush()
+    return self._expect("TIMES ")
+
+  def close(self) -> dict:
+    """Ends the worker; returns its final RESULT (peak RSS and the like)."""
+    self._proc.stdin.write("quit\n")
+    self._proc.stdin.flush()
+    result = self._expect("RESULT ")
+    self._proc.wait()
+    self._stderr.close()
+    return result
+
+
+def serve_steps(info: dict, step: Callable[[], object]) -> None:
+  """Worker side of ``StepWorker``: announces ``info``, then times ``step``.
+
+  Args:
+    info: JSON-serialisable facts about the worker's model (params, FLOPs).
+    step: runs one blocking step.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import resource  # pylint: disable=g-import-not-at-top
+  print("READY " + json.dumps(info), flush=True)
+  for line in sys.stdin:
+    cmd = line.split()
+    if cmd and cmd[0] == "run":
+      times = []
+      for _ in range(int(cmd[1])):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+      print("TIMES " + json.dumps(times), flush=True)
+    elif cmd and cmd[0] == "quit":
+      break
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print("RESULT " + json.dumps({"rss": rss}), flush=True)
+
+
+def interleave(workers: Sequence[StepWorker], rounds: int, steps: int,
+               pause_s: float = 0.3) -> list[list[list[float]]]:
+  """Asks each worker in turn for ``steps`` steps, ``rounds`` times.
+
+  Args:
+    workers: live workers.
+    rounds: alternations.
+    steps: steps per worker per round.
+    pause_s: idle time before each request, so that the previous worker's
+      thread pools (OpenMP and Eigen spin a while after their last task) are
+      asleep before the next one starts.
+
+  Returns:
+    ``times[w][r]``: worker ``w``'s step seconds in round ``r``.
+  """
+  times = [[] for _ in workers]
+  for _ in range(rounds):
+    for i, w in enumerate(workers):
+      time.sleep(pause_s)
+      times[i].append(w.steps(steps))
+  return times
+
+
 def run_worker(script: str, args: Sequence[str], env: dict | None = None) -> dict:
   """Runs ``script --worker ...`` in a subprocess; returns its RESULT json.
 

@@ -10,8 +10,12 @@ same U-Net shape built with imagen-pytorch's ``Unet`` (params printed side by
 side) timed on the same forward+backward, and the throughput ratio.
 
 Each framework runs in its own subprocess so thread pools and peak RSS do not
-mix; the subprocesses alternate for ``--rounds`` rounds and each row is its
-fastest round, so both sides see the same drift of this shared host's load. imagen-pytorch needs torch + torchvision, kept out of the test extras:
+mix. The subprocesses stay alive side by side and are timed in turn,
+``--steps`` steps each per round for ``--rounds`` rounds
+(``common.interleave``), so both frameworks see the same drift of this shared
+host's load. The ratio is the median over rounds of each round's pair of
+median step times; ms/step is each side's fastest round (median of its
+steps). imagen-pytorch needs torch + torchvision, kept out of the test extras:
 build the benchmark environment with ``benchmarks/setup_bench_env.sh``.
 
 Targets: the cpu config reaches >= 50% of matmul FLOP/s; >= 1.3x the
@@ -21,9 +25,8 @@ throughput of the same-size imagen-pytorch U-Net.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
+import statistics
 import sys
 
 import common
@@ -31,7 +34,8 @@ import common
 STAGE = "base64"
 
 
-def _jax_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
+def _jax_worker(variant: str, batch: int, text_len: int, dtype: str):
+  """Builds our U-Net step; returns (facts, one blocking step)."""
   import jax
   import jax.numpy as jnp
   from imagen_jax import build, diffusion
@@ -61,17 +65,23 @@ def _jax_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
   mem = compiled.memory_analysis()
   mem_bytes = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                + mem.output_size_in_bytes) if mem is not None else 0
-  secs = common.time_call(
-      lambda: common.block(compiled(params, jax.random.PRNGKey(1))), repeats=5)
+  rng = jax.random.PRNGKey(1)
+
+  def step():
+    common.block(compiled(params, rng))
+
+  common.time_call(step, repeats=2)  # warm
   dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
-  return dict(params=build.count_params(params), secs=secs, flops=flops,
+  info = dict(params=build.count_params(params), flops=flops,
               compiled_mem=mem_bytes, res=int(config.resolution),
               peak=common.matmul_peak_flops(dtype=jnp.dtype(dtype)),
               device_peak_mem=stats.get("peak_bytes_in_use", 0))
+  return info, step
 
 
-def _torch_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
+def _torch_worker(variant: str, batch: int, text_len: int, dtype: str):
+  """Builds imagen-pytorch's U-Net step; returns (facts, one blocking step)."""
   import importlib.util
   import math
   import types
@@ -142,21 +152,37 @@ def _torch_worker(variant: str, batch: int, text_len: int, dtype: str) -> dict:
     step()
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  secs = common.time_call(step, repeats=5)
+  common.time_call(step, repeats=1)  # warm (the counted step was the first)
   peak_mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
               else 0)
-  return dict(params=n_params, secs=secs, flops=float(counter.get_total_flops()),
+  info = dict(params=n_params, flops=float(counter.get_total_flops()),
               device_peak_mem=peak_mem)
+  return info, step
 
 
-def _run_worker(kind: str, variant: str, batch: int, text_len: int,
-                dtype: str, keep_xla_flags: bool = False) -> dict:
+def _start_worker(kind: str, variant: str, batch: int, text_len: int,
+                  dtype: str, keep_xla_flags: bool = False) -> common.StepWorker:
   env = dict(os.environ)
   if keep_xla_flags:
     env["IMAGEN_JAX_KEEP_XLA_FLAGS"] = "1"
-  return common.run_worker(__file__, ["--worker", kind, "--configs", variant,
+  return common.StepWorker(__file__, ["--worker", kind, "--configs", variant,
                                       "--batch", str(batch), "--text_len",
                                       str(text_len), "--dtype", dtype], env)
+
+
+def _summary(info: dict, rounds: list[list[float]], result: dict) -> dict:
+  """Worker facts plus its fastest round's median step and peak RSS."""
+  return dict(info, secs=min(statistics.median(r) for r in rounds),
+              round_medians=[statistics.median(r) for r in rounds],
+              rss=result["rss"])
+
+
+def _paired_ratio(ours: dict, theirs: dict) -> tuple[float, float, float]:
+  """Median and quartiles over rounds of our / their median step time."""
+  ratios = sorted(a / b for a, b in zip(ours["round_medians"],
+                                        theirs["round_medians"]))
+  q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+  return statistics.median(ratios), q[0], q[-1]
 
 
 def main():
@@ -171,75 +197,73 @@ def main():
                       choices=("float32", "bfloat16"),
                       help="compute dtype (bfloat16: ours with bf16 compute, "
                       "imagen-pytorch under bf16 autocast; params float32)")
-  parser.add_argument("--rounds", type=int, default=3,
-                      help="alternate the jax and torch workers this many "
-                      "times and keep each one's fastest round: this shared "
+  parser.add_argument("--rounds", type=int, default=15,
+                      help="rounds of interleaved timing: in each, every "
+                      "worker times --steps steps in turn; this shared "
                       "host's load drifts by 10-30%% over a minute, and "
-                      "alternating exposes both sides to the same drift")
+                      "interleaving exposes all sides to the same drift")
+  parser.add_argument("--steps", type=int, default=4,
+                      help="steps per worker per round")
   parser.add_argument("--worker", default=None)
   args = parser.parse_args()
   if args.worker:
     fn = _jax_worker if args.worker == "jax" else _torch_worker
-    result = fn(args.configs, args.batch, args.text_len, args.dtype)
-    result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps(result))
+    info, step = fn(args.configs, args.batch, args.text_len, args.dtype)
+    common.serve_steps(info, step)
     return
 
   print(common.machine_line())
-  rows = []
-  def fastest(kind, variant, **kw):
-    return min(rounds[(kind, variant, tuple(kw.items()))],
-               key=lambda r: r["secs"])
-
-  rounds = {}
-  for _ in range(max(args.rounds, 1)):
-    for variant in args.configs.split(","):
-      runs = [("jax", {})]
-      if args.ynn:
-        runs.append(("jax", {"keep_xla_flags": True}))
-      if not args.no_torch:
-        runs.append(("torch", {}))
-      for kind, kw in runs:
-        rounds.setdefault((kind, variant, tuple(kw.items())), []).append(
-            _run_worker(kind, variant, args.batch, args.text_len, args.dtype,
-                        **kw))
+  rows, spreads = [], []
   for variant in args.configs.split(","):
-    ours = fastest("jax", variant)
+    kinds = [("jax", {})]
+    if args.ynn:
+      kinds.append(("jax", {"keep_xla_flags": True}))
+    if not args.no_torch:
+      kinds.append(("torch", {}))
+    # Started one after another: our worker measures the matmul peak before
+    # any other is alive.
+    workers = [_start_worker(kind, variant, args.batch, args.text_len,
+                             args.dtype, **kw) for kind, kw in kinds]
+    times = common.interleave(workers, max(args.rounds, 1), args.steps)
+    runs = [_summary(w.info, t, w.close()) for w, t in zip(workers, times)]
+    ours = runs[0]
     peak = ours["peak"]
     flops_s = ours["flops"] / ours["secs"]
     rows.append([f"imagen_jax {STAGE}:{variant} {ours['res']}px", ours["params"],
                  ours["secs"] * 1e3, args.batch / ours["secs"],
                  ours["flops"] / 1e9, flops_s / 1e9, flops_s / peak,
                  ours["compiled_mem"] / 2**20, ours["rss"] / 2**20,
-                 ours["device_peak_mem"] / 2**20, "1.00"])
-    if args.ynn:
-      ynn = fastest("jax", variant, keep_xla_flags=True)
-      fs = ynn["flops"] / ynn["secs"]
-      rows.append(["  same, XLA default (YNNPACK)", ynn["params"],
-                   ynn["secs"] * 1e3, args.batch / ynn["secs"],
-                   ynn["flops"] / 1e9, fs / 1e9, fs / ynn["peak"],
-                   ynn["compiled_mem"] / 2**20, ynn["rss"] / 2**20,
-                   ynn["device_peak_mem"] / 2**20,
-                   f"{ours['secs'] / ynn['secs']:.2f}"])
-    if not args.no_torch:
-      theirs = fastest("torch", variant)
-      fs = theirs["flops"] / theirs["secs"]
-      rows.append(["  imagen-pytorch same config", theirs["params"],
-                   theirs["secs"] * 1e3, args.batch / theirs["secs"],
-                   theirs["flops"] / 1e9, fs / 1e9, fs / peak, "-",
-                   theirs["rss"] / 2**20, theirs["device_peak_mem"] / 2**20,
-                   f"{ours['secs'] / theirs['secs']:.2f}"])
+                 ours["device_peak_mem"] / 2**20, "1.00", "1.00"])
+    for (kind, kw), other in zip(kinds[1:], runs[1:]):
+      fs = other["flops"] / other["secs"]
+      ratio, q1, q3 = _paired_ratio(ours, other)
+      if kind == "jax":
+        label, mem = "  same, XLA default (YNNPACK)", other["compiled_mem"] / 2**20
+      else:
+        label, mem = "  imagen-pytorch same config", "-"
+        spreads.append(f"{STAGE}:{variant}: our time / imagen-pytorch's, "
+                       f"per round: median {ratio:.3f} (quartiles {q1:.3f}-"
+                       f"{q3:.3f}), i.e. {1 / ratio:.2f}x its throughput "
+                       f"({1 / q3:.2f}x-{1 / q1:.2f}x)")
+      rows.append([label, other["params"], other["secs"] * 1e3,
+                   args.batch / other["secs"], other["flops"] / 1e9, fs / 1e9,
+                   fs / peak, mem, other["rss"] / 2**20,
+                   other["device_peak_mem"] / 2**20,
+                   f"{ours['secs'] / other['secs']:.2f}", f"{ratio:.3f}"])
   print(f"\nForward+backward of the denoising loss, batch {args.batch}, "
-        f"{args.text_len} text tokens, {args.dtype} compute; each row the "
-        f"fastest of {max(args.rounds, 1)} alternated rounds (median of 5 "
-        "steps each); measured "
-        f"{args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s. Last column: our "
-        "step time / that row's step time (below 1: ours is faster). Device "
-        "peak: accelerator memory in use at most (0 on CPU).")
+        f"{args.text_len} text tokens, {args.dtype} compute; {args.rounds} "
+        f"interleaved rounds of {args.steps} steps per framework; ms/step: "
+        "the fastest round's median step; measured "
+        f"{args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s. Last two columns: "
+        "our ms/step / that row's, and the median over rounds of our round "
+        "median / its round median (the paired figure; below 1: ours is "
+        "faster). Device peak: accelerator memory in use at most (0 on CPU).")
   common.print_table(
       ["model", "params", "ms/step", "img/s", "GFLOP/step", "GFLOP/s",
        "of matmul peak", "XLA mem MiB", "peak RSS MiB", "device peak MiB",
-       "our time / its time"], rows)
+       "our time / its time", "paired, per round"], rows)
+  for line in spreads:
+    print(line)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Training: mesh equivalence, learning, NaN guard, checkpoints, bad input."""
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import build
+from imagen_jax import host_malloc
 from imagen_jax.stage import Stage
 from imagen_jax.train import loop
 from imagen_jax.train import metrics as metrics_lib
@@ -66,7 +68,7 @@ def test_losses_equal_across_meshes(tmp_path_factory, shape):
     assert len({str(s.index) for s in kernel.addressable_shards}) > 1
 
 
-def test_tiny_run_learns_and_keeps_max_checkpoints(tmp_path):
+def test_tiny_run_learns_and_keeps_max_checkpoints(tmp_path, caplog):
   config = helpers.tiny_train_config(**{"total_steps": 300, "log_every": 100,
                                         "checkpoint_every": 50,
                                         "keep_checkpoints": 2,
@@ -83,7 +85,12 @@ def test_tiny_run_learns_and_keeps_max_checkpoints(tmp_path):
   eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack([
       stage.loss(p, fixed, jax.random.PRNGKey(i), train=False)[0]
       for i in range(4)])))
-  out = loop.train(config, workdir, progress=False)
+  with caplog.at_level(logging.INFO):
+    out = loop.train(config, workdir, progress=False)
+  # The start log names the peak's source and the host allocator.
+  assert any("(measured (cpu matmul)); host malloc: "
+             + host_malloc.loaded_allocator() in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
   tx, _ = optim.make_optimizer(config.optimizer, 300)
   module = stage.unet
   init = state_lib.init_state(module, config, tx,

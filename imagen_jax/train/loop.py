@@ -25,6 +25,7 @@ import numpy as np
 
 from imagen_jax import build
 from imagen_jax import fileio
+from imagen_jax import host_malloc
 from imagen_jax import images as images_lib
 from imagen_jax import parallel
 from imagen_jax.data import pipeline
@@ -221,6 +222,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # prefetch threads would share the cores with it (the demo's SR stage
   # measured a third of the peak that way and logged MFU ~100%).
   peak, peak_src = metrics_lib.peak_flops_per_device(float(config.peak_flops))
+  # The host allocator moves CPU step times by 10-45% (host_malloc.py), so a
+  # log that reports speed says which one ran.
+  logging.info("peak %.4g FLOP/s per device (%s); host malloc: %s", peak,
+               peak_src, host_malloc.loaded_allocator())
   stage = Stage.from_config(config)
   total = int(config.total_steps)
   tx, lr_schedule = optim.make_optimizer(config.optimizer, total)
