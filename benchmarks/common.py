@@ -8,7 +8,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,17 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1
   """Median wall seconds of ``fn()`` (which must block) over ``repeats``."""
   for _ in range(warmup):
     fn()
+  return statistics.median(step_times(fn, repeats))
+
+
+def step_times(fn: Callable[[], object], repeats: int) -> list[float]:
+  """Wall seconds of each of ``repeats`` calls of ``fn()`` (which must block)."""
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
 
 
 def matmul_peak_flops(sizes: Sequence[int] | None = None, repeats: int = 5,
@@ -95,10 +100,8 @@ class StepWorker:
   """
 
   def __init__(self, script: str, args: Sequence[str], env: dict | None = None):
-    import json  # pylint: disable=g-import-not-at-top
     import subprocess  # pylint: disable=g-import-not-at-top
     import tempfile  # pylint: disable=g-import-not-at-top
-    self._json = json
     self._stderr = tempfile.TemporaryFile(mode="w+")
     self._args = list(args)
     self._proc = subprocess.Popen(
@@ -107,12 +110,10 @@ class StepWorker:
     self.info = self._expect("READY ")
 
   def _expect(self, tag: str):
-    for line in self._proc.stdout:
-      if line.startswith(tag):
-        return self._json.loads(line[len(tag):])
-    self._stderr.seek(0)
-    raise RuntimeError(f"worker {self._args} failed:\n"
-                       f"{self._stderr.read()[-3000:]}")
+    def stderr():
+      self._stderr.seek(0)
+      return self._stderr.read()
+    return _tagged_json(self._proc.stdout, tag, self._args, stderr)
 
   def steps(self, n: int) -> list[float]:
     """Times ``n`` single steps in the worker; returns their wall seconds."""
@@ -143,12 +144,7 @@ def serve_steps(info: dict, step: Callable[[], object]) -> None:
   for line in sys.stdin:
     cmd = line.split()
     if cmd and cmd[0] == "run":
-      times = []
-      for _ in range(int(cmd[1])):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-      print("TIMES " + json.dumps(times), flush=True)
+      print("TIMES " + json.dumps(step_times(step, int(cmd[1]))), flush=True)
     elif cmd and cmd[0] == "quit":
       break
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -184,11 +180,22 @@ def run_worker(script: str, args: Sequence[str], env: dict | None = None) -> dic
   Each framework measures in its own process so thread pools and peak RSS
   do not mix.
   """
-  import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   out = subprocess.run([sys.executable, script, *args], capture_output=True,
                        text=True, check=False, env=env)
-  for line in out.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[7:])
-  raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+  return _tagged_json(out.stdout.splitlines(), "RESULT ", args,
+                      lambda: out.stderr)
+
+
+def _tagged_json(lines: Iterable[str], tag: str, args: Sequence[str],
+                 stderr: Callable[[], str]):
+  """The JSON after ``tag`` on the first line that starts with it.
+
+  Raises RuntimeError with the tail of the worker's stderr if the lines end
+  (the worker exited) before such a line.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  for line in lines:
+    if line.startswith(tag):
+      return json.loads(line[len(tag):])
+  raise RuntimeError(f"worker {list(args)} failed:\n{stderr()[-3000:]}")

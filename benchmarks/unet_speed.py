@@ -172,9 +172,18 @@ def _start_worker(kind: str, variant: str, batch: int, text_len: int,
 
 def _summary(info: dict, rounds: list[list[float]], result: dict) -> dict:
   """Worker facts plus its fastest round's median step and peak RSS."""
-  return dict(info, secs=min(statistics.median(r) for r in rounds),
-              round_medians=[statistics.median(r) for r in rounds],
+  medians = [statistics.median(r) for r in rounds]
+  return dict(info, secs=min(medians), round_medians=medians,
               rss=result["rss"])
+
+
+def _row(label: str, run: dict, batch: int, peak: float, compiled_mem,
+         vs_ours: str, paired: str) -> list:
+  """One table row: a worker's speed, FLOPs, memory and its ratios to ours."""
+  flops_s = run["flops"] / run["secs"]
+  return [label, run["params"], run["secs"] * 1e3, batch / run["secs"],
+          run["flops"] / 1e9, flops_s / 1e9, flops_s / peak, compiled_mem,
+          run["rss"] / 2**20, run["device_peak_mem"] / 2**20, vs_ours, paired]
 
 
 def _paired_ratio(ours: dict, theirs: dict) -> tuple[float, float, float]:
@@ -228,14 +237,10 @@ def main():
     runs = [_summary(w.info, t, w.close()) for w, t in zip(workers, times)]
     ours = runs[0]
     peak = ours["peak"]
-    flops_s = ours["flops"] / ours["secs"]
-    rows.append([f"imagen_jax {STAGE}:{variant} {ours['res']}px", ours["params"],
-                 ours["secs"] * 1e3, args.batch / ours["secs"],
-                 ours["flops"] / 1e9, flops_s / 1e9, flops_s / peak,
-                 ours["compiled_mem"] / 2**20, ours["rss"] / 2**20,
-                 ours["device_peak_mem"] / 2**20, "1.00", "1.00"])
-    for (kind, kw), other in zip(kinds[1:], runs[1:]):
-      fs = other["flops"] / other["secs"]
+    rows.append(_row(f"imagen_jax {STAGE}:{variant} {ours['res']}px", ours,
+                     args.batch, peak, ours["compiled_mem"] / 2**20, "1.00",
+                     "1.00"))
+    for (kind, _), other in zip(kinds[1:], runs[1:]):
       ratio, q1, q3 = _paired_ratio(ours, other)
       if kind == "jax":
         label, mem = "  same, XLA default (YNNPACK)", other["compiled_mem"] / 2**20
@@ -245,11 +250,8 @@ def main():
                        f"per round: median {ratio:.3f} (quartiles {q1:.3f}-"
                        f"{q3:.3f}), i.e. {1 / ratio:.2f}x its throughput "
                        f"({1 / q3:.2f}x-{1 / q1:.2f}x)")
-      rows.append([label, other["params"], other["secs"] * 1e3,
-                   args.batch / other["secs"], other["flops"] / 1e9, fs / 1e9,
-                   fs / peak, mem, other["rss"] / 2**20,
-                   other["device_peak_mem"] / 2**20,
-                   f"{ours['secs'] / other['secs']:.2f}", f"{ratio:.3f}"])
+      rows.append(_row(label, other, args.batch, peak, mem,
+                       f"{ours['secs'] / other['secs']:.2f}", f"{ratio:.3f}"))
   print(f"\nForward+backward of the denoising loss, batch {args.batch}, "
         f"{args.text_len} text tokens, {args.dtype} compute; {args.rounds} "
         f"interleaved rounds of {args.steps} steps per framework; ms/step: "
