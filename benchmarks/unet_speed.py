@@ -31,6 +31,8 @@ import sys
 
 import common
 
+from imagen_jax import xla_flags
+
 STAGE = "base64"
 
 
@@ -164,7 +166,9 @@ def _start_worker(kind: str, variant: str, batch: int, text_len: int,
                   dtype: str, keep_xla_flags: bool = False) -> common.StepWorker:
   env = dict(os.environ)
   if keep_xla_flags:
+    # XLA's defaults: our own import already put the opt-out into XLA_FLAGS.
     env["IMAGEN_JAX_KEEP_XLA_FLAGS"] = "1"
+    env["XLA_FLAGS"] = xla_flags.without_ynn_setting(env.get("XLA_FLAGS", ""))
   return common.StepWorker(__file__, ["--worker", kind, "--configs", variant,
                                       "--batch", str(batch), "--text_len",
                                       str(text_len), "--dtype", dtype], env)

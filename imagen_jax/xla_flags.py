@@ -12,9 +12,9 @@ unknown one), so it is only added where it exists.
 XLA reads XLA_FLAGS once, when the first backend starts. A session that
 started JAX on the CPU before importing imagen_jax (``import jax;
 jax.devices()`` in the first notebook cell) keeps the YNNPACK fusions for
-its lifetime, and its U-Net training steps run well below this package's
-CPU speed (a conv weight gradient at 8x32x32x64->64: ~18 ms against ~7 ms);
-``apply`` warns once in that case.
+its lifetime, and its U-Net training steps run ~1.5x slower (base64:cpu
+forward+backward 1031 vs 695 ms; benchmarks/RESULTS.md); ``apply`` warns
+once in that case.
 """
 
 from __future__ import annotations
@@ -70,9 +70,26 @@ def apply() -> None:
   if _cpu_backend_started():
     warnings.warn(
         "imagen_jax was imported after JAX started on the CPU, so XLA keeps "
-        "its YNNPACK fusions (U-Net weight gradients ~2.5x slower); import "
+        "its YNNPACK fusions (U-Net training steps ~1.5x slower); import "
         "imagen_jax before the first JAX computation, or start Python with "
         f"XLA_FLAGS={_YNN_FLAG}", RuntimeWarning, stacklevel=3)
+
+
+def without_ynn_setting(flags: str) -> str:
+  """``flags`` (an XLA_FLAGS value) less any YNNPACK fusion setting.
+
+  For a child process that must run with XLA's defaults: this process's
+  XLA_FLAGS already carries what ``apply`` added at import, and a child
+  inherits it even with IMAGEN_JAX_KEEP_XLA_FLAGS set.
+
+  Args:
+    flags: space-separated XLA flags.
+
+  Returns:
+    The same flags without ``--xla_cpu_experimental_ynn_fusion_type=...``.
+  """
+  return " ".join(f for f in flags.split()
+                  if not f.startswith(_YNN_FLAG.rstrip("=")))
 
 
 def enable_compilation_cache() -> None:

@@ -76,3 +76,12 @@ def test_late_import_warns_and_early_import_does_not():
       "print(os.environ['XLA_FLAGS'])")
   assert "RuntimeWarning" not in early.stderr
   assert early.stdout.split() == [FLAG]
+
+
+def test_without_ynn_setting_keeps_other_flags():
+  flags = f"--xla_force_host_platform_device_count=8 {FLAG} --foo=1"
+  assert xla_flags.without_ynn_setting(flags) == (
+      "--xla_force_host_platform_device_count=8 --foo=1")
+  assert xla_flags.without_ynn_setting(
+      "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_X") == ""
+  assert xla_flags.without_ynn_setting("") == ""
