@@ -23,7 +23,8 @@ import os
 import sys
 import warnings
 
-_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+_YNN_NAME = "--xla_cpu_experimental_ynn_fusion_type"
+_YNN_FLAG = _YNN_NAME + "="  # empty: no YNNPACK fusion kinds
 _FIRST_JAXLIB_WITH_FLAG = (0, 8, 2)
 
 
@@ -62,7 +63,7 @@ def apply() -> None:
   if os.environ.get("IMAGEN_JAX_KEEP_XLA_FLAGS"):
     return
   flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_experimental_ynn_fusion_type" in flags:
+  if _YNN_NAME.lstrip("-") in flags:
     return
   if _jaxlib_version() < _FIRST_JAXLIB_WITH_FLAG:
     return
@@ -89,7 +90,7 @@ def without_ynn_setting(flags: str) -> str:
     The same flags without ``--xla_cpu_experimental_ynn_fusion_type=...``.
   """
   return " ".join(f for f in flags.split()
-                  if not f.startswith(_YNN_FLAG.rstrip("=")))
+                  if not f.startswith(_YNN_NAME))
 
 
 def enable_compilation_cache() -> None:
