@@ -44,6 +44,7 @@ def text_defaults() -> ml_collections.ConfigDict:
       vocab="",            # SentencePiece .model ("default": the demo vocab)
       max_length=128,      # tokens per caption incl. EOS (the paper's)
       seed=0,              # init seed when source == "random"
+      random_init="t5",    # source == "random": t5 | local (text/encoder.py)
       dtype="bfloat16",    # encoder compute dtype
   ))
 
@@ -91,6 +92,7 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
       cond_drop_prob=0.1,   # the paper's 10% null-text steps
       aug_schedule="cosine",
       aug_max=1.0,          # SR: training aug levels ~ U[0, aug_max]
+      sr_target="image",    # SR: image (paper) | residual over the upsampled input
   ))
 
 

@@ -86,6 +86,7 @@ def _sr_stage(text_dim: int) -> ml_collections.ConfigDict:
   config_defaults.use_cpu_training(c, steps=1200, batch=8, lr=1e-3)
   c.diffusion.prediction = "v"
   c.diffusion.aug_max = 0.5
+  c.diffusion.sr_target = "residual"
   c.sample.sampler = "ddim"
   c.sample.num_steps = 25
   c.sample.guidance_scale = 1.0
@@ -102,6 +103,9 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
   config.variant = arg
   text = config_defaults.text_defaults()
   text.t5, text.source, text.vocab = "demo", "random", "default"
+  # Word order and binding must survive the frozen random encoder for
+  # relations ("a red circle to the left of a blue square") to be learnable.
+  text.random_init = "local"
   text.max_length = 24
   text.dtype = "float32"
   config.text = text

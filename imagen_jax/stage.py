@@ -76,6 +76,16 @@ def random_aligned_crop(image: jax.Array, lowres: Optional[jax.Array],
   return hi, lo
 
 
+SR_TARGETS = ("image", "residual")
+
+
+def check_sr_target(sr_target: str) -> None:
+  """Raises a one-line ValueError for an unknown ``diffusion.sr_target``."""
+  if sr_target not in SR_TARGETS:
+    raise ValueError(f"Unknown diffusion.sr_target {sr_target!r}; choose one "
+                     f"of {', '.join(SR_TARGETS)}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
   """How one stage samples (its config's ``sample`` section)."""
@@ -117,6 +127,10 @@ class Stage:
     cond_drop_prob: fraction of examples trained on the null text.
     aug_schedule: schedule interpreting noise-augmentation levels.
     aug_max: training aug levels are drawn from U[0, aug_max].
+    sr_target: SR stages: what is diffused. "image" (the paper): the image
+      itself; "residual": the image minus its low-res input upsampled (the
+      network's own resize), so an untrained network already returns the
+      interpolated image and training only has to add the missing detail.
   """
   unet: UNet
   resolution: int
@@ -130,6 +144,10 @@ class Stage:
   cond_drop_prob: float = 0.1
   aug_schedule: str = "cosine"
   aug_max: float = 1.0
+  sr_target: str = "image"
+
+  def __post_init__(self):
+    check_sr_target(self.sr_target)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Stage":
@@ -144,7 +162,8 @@ class Stage:
         prediction=str(d.prediction), weighting=str(d.weighting),
         min_snr_gamma=float(d.min_snr_gamma),
         cond_drop_prob=float(d.cond_drop_prob),
-        aug_schedule=str(d.aug_schedule), aug_max=float(d.aug_max))
+        aug_schedule=str(d.aug_schedule), aug_max=float(d.aug_max),
+        sr_target=str(d.sr_target))
 
   @property
   def is_sr(self) -> bool:
@@ -156,6 +175,15 @@ class Stage:
 
   def aug_logsnr_schedule(self):
     return diffusion.get_logsnr_schedule(self.aug_schedule)
+
+  def residual_base(self, lowres: jax.Array, shape: tuple) -> Optional[jax.Array]:
+    """What the diffused variable is relative to: None, or for SR stages
+    with ``sr_target="residual"`` the clean low-res input upsampled to
+    ``shape`` ``[B, H, W, C]`` as the network upsamples it."""
+    if not (self.is_sr and self.sr_target == "residual"):
+      return None
+    return jax.image.resize(to_float_image(lowres), shape,
+                            self.unet.lowres_resize)
 
   # --- training -------------------------------------------------------------------
 
@@ -181,6 +209,9 @@ class Stage:
     if self.train_crop and image.shape[1] > self.train_crop:
       image, lowres = random_aligned_crop(image, lowres, self.train_crop,
                                           crop_rng)
+    offset = self.residual_base(lowres, image.shape)
+    if offset is not None:
+      image = image - offset
     b = image.shape[0]
     text, mask = batch["text"], batch["text_mask"].astype(bool)
     # Classifier-free guidance: the null text is the zeroed, fully masked
@@ -246,10 +277,12 @@ class Stage:
     channels = self.unet.in_channels
     mask = text_mask.astype(bool)
     extra = {}
+    offset = None
     if self.is_sr:
       if lowres is None:
         raise ValueError("This is a super-resolution stage: pass the low-res "
                          "images to sample from.")
+      offset = self.residual_base(lowres, (b, res, res, channels))
       aug_rng, rng = jax.random.split(rng)
       low, aug_logsnr = diffusion.augment_lowres(
           to_float_image(lowres), aug_level, aug_rng,
@@ -266,7 +299,8 @@ class Stage:
       denoise = diffusion.make_denoiser(model_fn, cond=(text, mask),
                                         prediction=self.prediction,
                                         threshold=threshold,
-                                        percentile=percentile)
+                                        percentile=percentile,
+                                        x0_offset=offset)
     else:
       if negative_text is None:
         uncond = (jnp.zeros_like(text), jnp.zeros_like(mask))
@@ -275,13 +309,16 @@ class Stage:
       denoise = diffusion.make_guided_denoiser(
           model_fn, cond=(text, mask), uncond=uncond,
           guidance_scale=guidance_scale, prediction=self.prediction,
-          threshold=threshold, percentile=percentile)
+          threshold=threshold, percentile=percentile, x0_offset=offset)
     init_x = None if init_image is None else to_float_image(init_image)
-    return diffusion.sample(
+    if init_x is not None and offset is not None:
+      init_x = init_x - offset
+    out = diffusion.sample(
         denoise, shape=(b, res, res, channels), rng=rng,
         schedule=self.logsnr_schedule(), sampler=sampler, num_steps=num_steps,
         eta=eta, init_x=init_x, start_logsnr=start_logsnr,
         progress_fn=progress_fn)
+    return out if offset is None else out + offset
 
   def uint8_sampler(self, settings: StageSettings, *, guided: bool = True,
                     start_logsnr: Optional[float] = None, progress_fn=None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,15 @@ def apply_threshold(x0: jax.Array, threshold: str, percentile: float = 99.5
                    f"{', '.join(THRESHOLDS)}.")
 
 
+def _threshold_offset(x0: jax.Array, threshold: str, percentile: float,
+                      offset: Optional[jax.Array]) -> jax.Array:
+  """Thresholds ``x0 + offset`` (the image) and returns it minus ``offset``."""
+  if offset is None:
+    return apply_threshold(x0, threshold, percentile)
+  offset = offset.astype(x0.dtype)
+  return apply_threshold(x0 + offset, threshold, percentile) - offset
+
+
 def classifier_free_guidance(
     cond: jax.Array, uncond: jax.Array, scale: float | jax.Array
 ) -> jax.Array:
@@ -85,6 +94,7 @@ def make_guided_denoiser(
     prediction: str = "eps",
     threshold: str = "dynamic",
     percentile: float = 99.5,
+    x0_offset: Optional[jax.Array] = None,
 ) -> DenoiseFn:
   """Builds a guided, thresholded x0-denoiser from a conditional network.
 
@@ -101,6 +111,9 @@ def make_guided_denoiser(
     prediction: what the network predicts: "eps", "x0" or "v".
     threshold: "dynamic" (paper), "static" or "none".
     percentile: dynamic-threshold percentile in percent.
+    x0_offset: when the diffused variable is an image minus this offset
+      ``[B, ...]`` (a super-resolution residual), thresholding applies to the
+      image ``x0 + x0_offset``, whose range is the data's.
 
   Returns:
     ``denoise_fn(z [B, ...], logsnr [B]) -> x0_hat [B, ...]``.
@@ -122,7 +135,7 @@ def make_guided_denoiser(
     pred = pred.astype(jnp.float32)
     guided = classifier_free_guidance(pred[:batch], pred[batch:], guidance_scale)
     x0 = gaussian.x0_from_prediction(z, guided, logsnr, prediction)
-    return apply_threshold(x0, threshold, percentile)
+    return _threshold_offset(x0, threshold, percentile, x0_offset)
 
   return denoise_fn
 
@@ -134,14 +147,18 @@ def make_denoiser(
     prediction: str = "eps",
     threshold: str = "static",
     percentile: float = 99.5,
+    x0_offset: Optional[jax.Array] = None,
 ) -> DenoiseFn:
-  """An unguided x0-denoiser: one network call on B examples per step."""
+  """An unguided x0-denoiser: one network call on B examples per step.
+
+  Arguments as ``make_guided_denoiser``'s.
+  """
   gaussian.check_prediction(prediction)
 
   def denoise_fn(z: jax.Array, logsnr: jax.Array) -> jax.Array:
     logsnr = jnp.broadcast_to(logsnr, (z.shape[0],))
     pred = model_fn(z, logsnr, cond).astype(jnp.float32)
     x0 = gaussian.x0_from_prediction(z, pred, logsnr, prediction)
-    return apply_threshold(x0, threshold, percentile)
+    return _threshold_offset(x0, threshold, percentile, x0_offset)
 
   return denoise_fn

@@ -28,9 +28,78 @@ from imagen_jax import host_malloc
 PROG = "imagen-eval"
 
 
+def _sample_batches(cascade, texts, settings, *, seed: int, batch_size: int,
+                    num_samples: int, progress: bool, label: str,
+                    start_image: Optional[np.ndarray] = None,
+                    start_stage: int = 0) -> list[np.ndarray]:
+  """Every run stage's images for ``texts``, sampled in fixed-size batches.
+
+  The last batch is padded, so every call has the same shape and compiles
+  once; batch ``b`` uses seed ``seed + b``.
+
+  Returns:
+    One uint8 ``[len(texts) * num_samples, R_i, R_i, 3]`` array per stage run.
+  """
+  n_batches = -(-len(texts) // batch_size)
+  per_stage: list[list[np.ndarray]] = []
+  for b in range(n_batches):
+    lo, hi = b * batch_size, (b + 1) * batch_size
+    chunk = texts[lo:hi]
+    real = len(chunk)
+    pad = batch_size - real if n_batches > 1 else 0
+    chunk = chunk + [chunk[-1]] * pad
+    kw = {}
+    if start_image is not None:
+      img = start_image[lo:hi]
+      img = np.concatenate([img, np.repeat(img[-1:], pad, 0)]) if pad else img
+      kw = dict(start_image=img, start_stage=start_stage)
+    outs = cascade.sample(chunk, settings=settings, num_samples=num_samples,
+                          seed=seed + b, progress=progress, **kw)
+    if not per_stage:
+      per_stage = [[] for _ in outs]
+    for acc, imgs in zip(per_stage, outs):
+      acc.append(imgs[:real * num_samples])
+    if progress:
+      print(f"eval ({label}): batch {b + 1}/{n_batches} sampled", flush=True)
+  return [np.concatenate(acc) for acc in per_stage]
+
+
+def _diagnostics(cascade, prompts, expanded, stage_images, settings, *,
+                 data, seed: int, batch_size: int, num_samples: int,
+                 score, progress: bool) -> dict:
+  """The rows of ``diagnostics.ROWS`` that apply to this suite and cascade."""
+  from imagen_jax.eval import diagnostics as diag  # pylint: disable=g-import-not-at-top
+  from imagen_jax.eval import digits_eval  # pylint: disable=g-import-not-at-top
+  res = stage_images[-1].shape[1]
+  rows = {}
+  has_scenes = data is not None and all(p.scene is not None for p in prompts)
+  if has_scenes:
+    truth = diag.reference_images(prompts, data, res)
+    rows["ceiling"] = diag.headline(score(np.repeat(truth, num_samples, 0)))
+    base_res = cascade.stages[0].resolution
+    rows["base_resolution_ceiling"] = diag.headline(score(np.repeat(
+        diag.through_resolution(truth, base_res), num_samples, 0)))
+    last = len(cascade.stages) - 1
+    if last > 0:
+      low_res = cascade.stages[last].stage.lowres_resolution
+      low = diag.reference_images(prompts, data, low_res)
+      sr = _sample_batches(cascade, [p.text for p in prompts], settings,
+                           seed=seed, batch_size=batch_size,
+                           num_samples=num_samples, progress=progress,
+                           label="sr_only", start_image=low,
+                           start_stage=last)[-1]
+      rows["sr_only"] = diag.headline(score(diag.resize_bicubic(sr, res)))
+  elif prompts and prompts[0].category == "digit":
+    rows["ceiling"] = {"accuracy": digits_eval.ceiling(res), "n": len(expanded)}
+  if len(cascade.stages) > 1:
+    rows["base_only"] = diag.headline(score(
+        diag.resize_bicubic(stage_images[0], res)))
+  return rows
+
+
 def evaluate(cascade, prompts, settings, *, out_dir: str, seed: int = 0,
              batch_size: int = 64, num_samples: int = 1,
-             progress: bool = True) -> dict:
+             progress: bool = True, data=None) -> dict:
   """Samples every prompt of a suite and scores the final stage's images.
 
   Args:
@@ -43,36 +112,42 @@ def evaluate(cascade, prompts, settings, *, out_dir: str, seed: int = 0,
       call has the same shape and compiles once).
     num_samples: images per prompt.
     progress: print per-batch lines.
+    data: the ``config.data`` section the suite came from; with it, a shapes
+      suite also gets the ground-truth rows of the stage diagnostics.
 
   Returns:
-    The report dict (also written to ``out_dir/report.json``).
+    The report dict (also written to ``out_dir/report.json``): scores of the
+    cascade's images, and ``diagnostics`` (``eval.diagnostics.ROWS``).
   """
   from imagen_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.eval import diagnostics as diag  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import suite as suite_lib  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   texts = [p.text for p in prompts]
-  outs = []
-  n_batches = -(-len(texts) // batch_size)
-  for b in range(n_batches):
-    chunk = texts[b * batch_size:(b + 1) * batch_size]
-    real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (batch_size - real) if n_batches > 1 else chunk
-    imgs = cascade.sample(chunk, settings=settings, num_samples=num_samples,
-                          seed=seed + b, progress=progress)[-1]
-    outs.append(imgs[:real * num_samples])
-    if progress:
-      print(f"eval: batch {b + 1}/{n_batches} sampled", flush=True)
-  images = np.concatenate(outs)                       # [P * S, R, R, 3]
+  stage_images = _sample_batches(cascade, texts, settings, seed=seed,
+                                 batch_size=batch_size,
+                                 num_samples=num_samples, progress=progress,
+                                 label="cascade")
+  images = stage_images[-1]                           # [P * S, R, R, 3]
   expanded = [p for p in prompts for _ in range(num_samples)]
   data_source = "digits" if expanded[0].category == "digit" else "shapes"
-  scored = (suite_lib.score_digits(images, expanded) if data_source == "digits"
-            else suite_lib.score_shapes(images, expanded))
+  score = ((lambda ims: suite_lib.score_digits(ims, expanded))
+           if data_source == "digits"
+           else (lambda ims: suite_lib.score_shapes(ims, expanded)))
+  scored = score(images)
   rows = scored.pop("rows")
+  diagnostics = _diagnostics(cascade, prompts, expanded, stage_images,
+                             settings, data=data, seed=seed,
+                             batch_size=batch_size, num_samples=num_samples,
+                             score=score, progress=progress)
+  diagnostics["cascade"] = diag.headline(scored)
   fileio.makedirs(os.path.join(out_dir, "samples"))
   paths = images_lib.save_each(images, os.path.join(out_dir, "samples", "sample"))
   grid_path = images_lib.save_grid(images, os.path.join(out_dir, "grid.png"),
                                    [p.text for p in expanded])
   report = dict(scored)
+  report["diagnostics"] = {k: diagnostics[k] for k in diag.ROWS
+                           if k in diagnostics}
   report["prompts"] = [
       {"prompt": p.text, "category": p.category, "seen_in_training": p.seen,
        "scores": r, "image": os.path.relpath(path, out_dir)}
@@ -104,6 +179,9 @@ def format_report(report: dict) -> str:
     d = report["digits"]
     lines.append(f"digits: accuracy {d['accuracy']:.3f} (classifier ceiling on "
                  f"real test digits {d['ceiling']:.3f}, n={d['n']})")
+  if report.get("diagnostics"):
+    from imagen_jax.eval import diagnostics as diag  # pylint: disable=g-import-not-at-top
+    lines.append(diag.format_table(report["diagnostics"]))
   lines.append(f"grid: {report['grid']}")
   return "\n".join(lines)
 
@@ -121,7 +199,7 @@ def run(stage_dirs: Sequence[str], out_dir: str, *, per_category: int = 24,
                                           overrides)
   return evaluate(cas, prompts, settings, out_dir=out_dir, seed=seed,
                   batch_size=batch_size, num_samples=num_samples,
-                  progress=progress)
+                  progress=progress, data=data)
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ per digit, scored by the classifier trained on the real scans.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +32,10 @@ class Prompt:
   spec: dict
   kind: str = ""      # shapes: scene kind the parser scores against
   seen: bool = False  # the exact caption occurs in the training split
+  # shapes: the ground-truth scene the prompt was drawn from (diagnostics
+  # render it); None for suites without one.
+  scene: Optional[shapes.Scene] = dataclasses.field(default=None,
+                                                    compare=False)
 
 
 def _train_captions(data) -> set[str]:
@@ -57,12 +61,13 @@ def shapes_suite(data, per_category: int) -> list[Prompt]:
       while holdout and any((o.color, o.shape) in holdout for o in sc.objects):
         j += 1
         sc = shapes.scene(seed, 1_000_000 * j + i, res, "test", kind=kind)
-      out.append(Prompt(sc.caption, kind, sc.spec, kind, sc.caption in seen))
+      out.append(Prompt(sc.caption, kind, sc.spec, kind, sc.caption in seen,
+                        sc))
   if holdout:
     for i in range(per_category):
       sc = shapes.scene(seed, i, res, "holdout", holdout)
       out.append(Prompt(sc.caption, "holdout", sc.spec, sc.kind,
-                        sc.caption in seen))
+                        sc.caption in seen, sc))
   return out
 
 

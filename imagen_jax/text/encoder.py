@@ -26,8 +26,20 @@ from imagen_jax.text import vocab as vocab_lib
 
 DEFAULT_MAX_LENGTH = 128  # the paper's
 
-SPEC_IDENTITY_KEYS = ("t5", "source", "checkpoint", "seed", "vocab_sha256",
-                      "max_length")
+SPEC_IDENTITY_KEYS = ("t5", "source", "checkpoint", "seed", "random_init",
+                      "vocab_sha256", "max_length")
+
+# How a random-weight encoder is initialised (``config.text.random_init``):
+#   t5     T5's own initialisation (what t5x trains from). At random weights
+#          its attention is nearly uniform, so every token's output is itself
+#          plus the caption's mean: close to a bag of words, and captions that
+#          differ only in word order get near-identical embeddings.
+#   local  the same weights, but each head's relative-position bias selects
+#          one relative offset (-1, +1, -2, +2, ...): every layer mixes each
+#          token with fixed neighbours through random projections, so the
+#          frozen encoder's outputs carry word order and which words stand
+#          together ("red" next to "circle"), as a trained T5's do.
+RANDOM_INITS = ("t5", "local")
 
 
 def tokenize(vocab, texts: Sequence[str], max_length: int
@@ -93,9 +105,17 @@ class TextEncoder:
     boxed = _abstract_boxed(module)
     shardings = parallel.param_shardings(boxed, mesh, rules)
     if host_params is None:  # random init, directly into its sharding
-      init = jax.jit(lambda rng: nn.unbox(module.init(
-          rng, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool)))["params"],
-                     out_shardings=shardings["params"])
+      local = spec.get("random_init", "t5") == "local"
+
+      def init_fn(rng):
+        params = nn.unbox(module.init(rng, jnp.zeros((1, 8), jnp.int32),
+                                      jnp.ones((1, 8), bool)))["params"]
+        if local:
+          params["encoder"]["relpos_bias"]["rel_embedding"] = jnp.asarray(
+              local_position_bias(config))
+        return params
+
+      init = jax.jit(init_fn, out_shardings=shardings["params"])
       params = init(jax.random.PRNGKey(int(spec["seed"])))
     else:
       _check_param_shapes(host_params, nn.unbox(boxed)["params"],
@@ -112,14 +132,31 @@ class TextEncoder:
   def random(cls, size: str = "tiny", *, seed: int = 0,
              vocab_path: str = "default",
              max_length: int = DEFAULT_MAX_LENGTH, dtype: str = "float32",
-             mesh: Optional[Mesh] = None, **overrides) -> "TextEncoder":
-    """A random-weight T5 (tests, the embedded default). Same seed, same weights."""
+             mesh: Optional[Mesh] = None, random_init: str = "t5",
+             **overrides) -> "TextEncoder":
+    """A random-weight T5 (tests, the embedded default). Same seed, same weights.
+
+    Args:
+      size: T5 size name.
+      seed: init seed.
+      vocab_path: SentencePiece model ("default": the demo vocabulary).
+      max_length: tokens per caption incl. EOS.
+      dtype: compute dtype.
+      mesh: device mesh for the params.
+      random_init: "t5" or "local" (see ``RANDOM_INITS``).
+      **overrides: T5Config fields.
+
+    Returns:
+      The encoder.
+    """
+    check_random_init(random_init)
     vocab_size = vocab_lib.load_vocabulary(vocab_path).vocab_size
     overrides.setdefault("vocab_size", max(
         t5_lib.T5_SIZES[size].vocab_size if size in t5_lib.T5_SIZES else 0,
         _round_up(vocab_size, 128)))
     config = t5_lib.t5_config(size, dtype=dtype, **overrides)
-    spec = dict(t5=size, source="random", checkpoint="", seed=int(seed))
+    spec = dict(t5=size, source="random", checkpoint="", seed=int(seed),
+                random_init=random_init)
     return cls._build(config, None, vocab_path, max_length, spec, mesh)
 
   @classmethod
@@ -158,7 +195,7 @@ class TextEncoder:
                    if k != "dtype"}
       enc = cls.random(spec["t5"], seed=spec["seed"], vocab_path=spec["vocab"],
                        max_length=spec["max_length"], dtype=dtype, mesh=mesh,
-                       **overrides)
+                       random_init=spec.get("random_init", "t5"), **overrides)
     elif source == "hf":
       enc = cls.from_hf(spec["checkpoint"], vocab_path=spec["vocab"],
                         max_length=spec["max_length"], dtype=dtype, mesh=mesh)
@@ -229,6 +266,41 @@ class TextEncoder:
     return self.encode_tokens(ids, mask)
 
 
+def check_random_init(random_init: str) -> None:
+  """Raises a one-line ValueError for an unknown ``random_init``."""
+  if random_init not in RANDOM_INITS:
+    raise ValueError(f"Unknown text.random_init {random_init!r}; choose one of "
+                     f"{', '.join(RANDOM_INITS)}.")
+
+
+# Relative-position logit of every bucket but a head's own under "local":
+# e^-10 leaves the chosen neighbour ~all the attention weight.
+_LOCAL_BIAS_OFF = -10.0
+
+
+def local_offsets(num_heads: int) -> list[int]:
+  """The relative offset each head attends to under "local": -1, +1, -2, +2, ..."""
+  return [(h // 2 + 1) * (1 if h % 2 else -1) for h in range(num_heads)]
+
+
+def local_position_bias(config: t5_lib.T5Config) -> np.ndarray:
+  """``[heads, num_buckets]`` relative-position logits of the "local" init.
+
+  Head h gives logit 0 to the bucket of its offset and ``_LOCAL_BIAS_OFF`` to
+  every other bucket. Where its neighbour does not exist (the caption's first
+  or last tokens) the head spreads over the remaining ones, which marks the
+  caption's ends.
+  """
+  n = 4 * config.num_buckets  # long enough for every offset's bucket
+  buckets = t5_lib.relative_position_buckets(n, n, config.num_buckets,
+                                             config.max_distance)
+  table = np.full((config.num_heads, config.num_buckets), _LOCAL_BIAS_OFF,
+                  np.float32)
+  for h, offset in enumerate(local_offsets(config.num_heads)):
+    table[h, buckets[n // 2, n // 2 + offset]] = 0.0
+  return table
+
+
 def _round_up(x: int, m: int) -> int:
   return (x + m - 1) // m * m
 
@@ -263,8 +335,14 @@ def _check_param_shapes(got, want, where: str) -> None:
 
 def check_same_encoder(expected: dict, got: dict, what: str) -> None:
   """Raises one clear line if two specs describe different text encoders."""
+  def identity(spec, key):
+    # Specs written before random_init existed describe T5's own init.
+    if key == "random_init" and spec.get("source") == "random":
+      return spec.get(key, "t5")
+    return spec.get(key)
+
   for key in SPEC_IDENTITY_KEYS + ("config",):
-    e, g = expected.get(key), got.get(key)
+    e, g = identity(expected, key), identity(got, key)
     if key == "config" and e and g:
       e = {k: v for k, v in e.items() if k != "dtype"}
       g = {k: v for k, v in g.items() if k != "dtype"}
@@ -291,7 +369,8 @@ def from_config(text, mesh: Optional[Mesh] = None) -> TextEncoder:
     return TextEncoder.random(text.t5, seed=int(text.seed),
                               vocab_path=text.vocab or "default",
                               max_length=int(text.max_length),
-                              dtype=text.dtype, mesh=mesh)
+                              dtype=text.dtype, mesh=mesh,
+                              random_init=str(text.random_init))
   if not text.checkpoint:
     raise ValueError(f"config.text.checkpoint is empty but text.source is "
                      f"{source!r}; set it to the T5 checkpoint directory, or use "
