@@ -108,6 +108,7 @@ class StageSettings:
   def check(self) -> None:
     samplers_lib.check_sampler(self.sampler)
     samplers_lib.check_num_steps(self.num_steps)
+    diffusion.check_threshold(self.threshold)
 
 
 

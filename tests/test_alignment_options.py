@@ -183,3 +183,24 @@ def test_scene_render_matches_suite_prompt():
   p = suite_lib.shapes_suite(data, 1)[0]
   assert p.scene.caption == p.text
   assert shapes.render(p.scene, 32).shape == (32, 32, 3)
+
+
+def test_unknown_threshold_is_one_line():
+  from imagen_jax.stage import StageSettings  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"threshold 'soft'; choose one of dynamic, static, none"):
+    StageSettings(threshold="soft").check()
+
+
+def test_suite_seed_draws_another_suite_of_the_grammar():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  data = ml_collections.ConfigDict(dict(
+      source="shapes", holdout="red triangle,blue circle", num_examples=100,
+      render_resolution=64, render_seed=0))
+  a = suite_lib.suite_for(data, 6)
+  b = suite_lib.suite_for(data, 6, suite_seed=12345)
+  assert [p.category for p in a] == [p.category for p in b]
+  assert [p.text for p in a] != [p.text for p in b]
+  held = {("red", "triangle"), ("blue", "circle")}
+  for p in b:
+    pairs = {(o.color, o.shape) for o in p.scene.objects}
+    assert (p.category == "holdout") == bool(pairs & held)

@@ -27,6 +27,15 @@ def test_quick_demo_report_and_resume(tmp_path_factory):
              if p["category"] == "holdout")
   assert os.path.isfile(report["grid"])
   assert report["text_encoder"]["pretrained"] is False
+  # Stage diagnostics: every row, on the same suite; the ground truth scores
+  # perfectly, and the cascade row is the report's own score.
+  diag = report["diagnostics"]
+  assert list(diag) == ["ceiling", "base_resolution_ceiling", "sr_only",
+                        "base_only", "cascade"]
+  assert diag["ceiling"]["all_correct"] == 1.0
+  assert diag["cascade"]["all_correct"] == report["shapes"]["all_correct"]
+  for row in diag.values():
+    assert row["n"] == 8 and 0.0 <= row["all_correct"] <= 1.0
   # Re-running resumes: embeddings and both stages are complete, only the
   # evaluation runs again, and gives the same images (fixed seed).
   proc = _run(["imagen_jax.demo", "--config=configs/demo.py:quick",
@@ -42,12 +51,21 @@ def test_quick_demo_report_and_resume(tmp_path_factory):
 def test_eval_cli_and_bad_flags(tmp_path_factory, tmp_path):
   workdir = demo_fixture.quick_demo_workdir(tmp_path_factory)
   proc = _run(["imagen_jax.eval", f"--workdir={workdir}", f"--out={tmp_path}/ev",
-               "--per_category=1", "--num_steps=2"])
+               "--per_category=1", "--num_steps=2", "--threshold=none,static",
+               "--suite_seed=77"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   rep = json.load(open(tmp_path / "ev" / "report.json"))
   assert rep["shapes"]["n"] == 4
   assert [s["num_steps"] for s in rep["settings"]["stages"]] == [2, 2]
+  assert [s["threshold"] for s in rep["settings"]["stages"]] == ["none", "static"]
+  default = json.load(open(os.path.join(workdir, "report.json")))
+  assert rep["prompts"][0]["prompt"] not in [p["prompt"] for p in default["prompts"]]
   assert "shapes alignment" in proc.stdout
+  assert "stage diagnostics" in proc.stdout and "sr_only" in proc.stdout
+  proc = _run(["imagen_jax.eval", f"--workdir={workdir}", f"--out={tmp_path}/ev2",
+               "--threshold=soft"])
+  assert proc.returncode == 2
+  assert "choose one of dynamic, static, none" in proc.stderr.strip().splitlines()[-1]
   proc = _run(["imagen_jax.eval", f"--stages={tmp_path}/missing"])
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("imagen-eval:")

@@ -25,6 +25,13 @@ def check_percentile(percentile: float) -> None:
         "in percent, e.g. 99.5 as in the paper.")
 
 
+def check_threshold(threshold: str) -> None:
+  """Raises a one-line ValueError for an unknown threshold mode."""
+  if threshold not in THRESHOLDS:
+    raise ValueError(f"Unknown threshold {threshold!r}; choose one of "
+                     f"{', '.join(THRESHOLDS)}.")
+
+
 def static_threshold(x0: jax.Array) -> jax.Array:
   """Clips an x0 estimate to the data range [-1, 1]."""
   return jnp.clip(x0, -1.0, 1.0)
@@ -119,9 +126,7 @@ def make_guided_denoiser(
     ``denoise_fn(z [B, ...], logsnr [B]) -> x0_hat [B, ...]``.
   """
   gaussian.check_prediction(prediction)
-  if threshold not in THRESHOLDS:
-    raise ValueError(f"Unknown threshold {threshold!r}; choose one of "
-                     f"{', '.join(THRESHOLDS)}.")
+  check_threshold(threshold)
   if threshold == "dynamic" and isinstance(percentile, (int, float)):
     check_percentile(percentile)
   both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0),

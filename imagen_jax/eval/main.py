@@ -26,6 +26,9 @@ from imagen_jax import fileio
 from imagen_jax import host_malloc
 
 PROG = "imagen-eval"
+# Sampling settings the CLI can override (one value or one per stage).
+_OVERRIDABLE = ("sampler", "num_steps", "guidance_scale", "aug_level",
+                "threshold")
 
 
 def _sample_batches(cascade, texts, settings, *, seed: int, batch_size: int,
@@ -188,13 +191,19 @@ def format_report(report: dict) -> str:
 
 def run(stage_dirs: Sequence[str], out_dir: str, *, per_category: int = 24,
         seed: int = 0, batch_size: int = 64, num_samples: int = 1,
-        overrides: Optional[dict] = None, progress: bool = True) -> dict:
-  """Loads the cascade from stage dirs, builds the suite, evaluates."""
+        overrides: Optional[dict] = None, progress: bool = True,
+        suite_seed: Optional[int] = None) -> dict:
+  """Loads the cascade from stage dirs, builds the suite, evaluates.
+
+  ``suite_seed`` draws the shapes prompts with another seed than the
+  dataset's (a second suite of the same grammar); see ``evaluate`` for the
+  rest.
+  """
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import suite as suite_lib  # pylint: disable=g-import-not-at-top
   cas = cascade_lib.Cascade.load(stage_dirs)
   data = ml_collections.ConfigDict(cas.stages[0].config.data.to_dict())
-  prompts = suite_lib.suite_for(data, per_category)
+  prompts = suite_lib.suite_for(data, per_category, suite_seed)
   settings = cascade_lib.resolve_settings([s.config for s in cas.stages],
                                           overrides)
   return evaluate(cas, prompts, settings, out_dir=out_dir, seed=seed,
@@ -218,7 +227,10 @@ def main(argv=None) -> int:
   flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.",
                        flag_values=fl)
   flags.DEFINE_integer("num_samples", 1, "Images per prompt.", flag_values=fl)
-  for name in ("sampler", "num_steps", "guidance_scale", "aug_level"):
+  flags.DEFINE_integer("suite_seed", None, "Draw the shapes prompts with this "
+                       "seed (default: the dataset's): another suite of the "
+                       "same grammar.", flag_values=fl)
+  for name in _OVERRIDABLE:
     flags.DEFINE_string(name, "", f"Override {name} (one value, or one per "
                         "stage, comma-separated).", flag_values=fl)
   try:
@@ -234,12 +246,11 @@ def main(argv=None) -> int:
   out = fl.out or os.path.join(fl.workdir or stage_dirs[-1], "eval")
   cli.setup_logging_and_cache()
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  overrides = {k: fl[k].value for k in ("sampler", "num_steps", "guidance_scale",
-                                        "aug_level")}
+  overrides = {k: fl[k].value for k in _OVERRIDABLE}
   try:
     report = run(stage_dirs, out, per_category=fl.per_category, seed=fl.seed,
                  batch_size=fl.batch_size, num_samples=fl.num_samples,
-                 overrides=overrides)
+                 overrides=overrides, suite_seed=fl.suite_seed)
   except (cascade_lib.CascadeError, ValueError) as e:
     cli.fail(PROG, str(e))
   print(format_report(report))

@@ -46,10 +46,23 @@ def _train_captions(data) -> set[str]:
           for i in range(n)}
 
 
-def shapes_suite(data, per_category: int) -> list[Prompt]:
-  """The shapes prompt suite for a ``config.data`` section (source shapes)."""
+def shapes_suite(data, per_category: int,
+                 suite_seed: Optional[int] = None) -> list[Prompt]:
+  """The shapes prompt suite for a ``config.data`` section (source shapes).
+
+  Args:
+    data: the dataset section (holdout, render seed and resolution).
+    per_category: prompts per category.
+    suite_seed: draw the prompts with this seed instead of the dataset's:
+      another suite of the same grammar. Which captions count as seen in
+      training still follows the dataset's own seed.
+
+  Returns:
+    The prompts, category by category.
+  """
   holdout = shapes.parse_holdout(data.holdout)
-  seed, res = int(data.render_seed), int(data.render_resolution)
+  res = int(data.render_resolution)
+  seed = int(data.render_seed) if suite_seed is None else int(suite_seed)
   seen = _train_captions(data)
   out = []
   for kind in shapes.KINDS:
@@ -77,10 +90,15 @@ def digits_suite(per_digit: int) -> list[Prompt]:
           for d in range(10) for _ in range(per_digit)]
 
 
-def suite_for(data, per_category: int) -> list[Prompt]:
-  """The suite of a dataset (``config.data.source`` shapes or digits)."""
+def suite_for(data, per_category: int,
+              suite_seed: Optional[int] = None) -> list[Prompt]:
+  """The suite of a dataset (``config.data.source`` shapes or digits).
+
+  ``suite_seed`` draws another shapes suite of the same grammar (see
+  ``shapes_suite``); the digits suite has no randomness.
+  """
   if data.source == "shapes":
-    return shapes_suite(data, per_category)
+    return shapes_suite(data, per_category, suite_seed)
   if data.source == "digits":
     return digits_suite(per_category)   # per_category prompts per digit
   raise ValueError(f"No alignment suite for data.source {data.source!r}; the "
