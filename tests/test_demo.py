@@ -59,7 +59,9 @@ def test_eval_cli_and_bad_flags(tmp_path_factory, tmp_path):
   assert [s["num_steps"] for s in rep["settings"]["stages"]] == [2, 2]
   assert [s["threshold"] for s in rep["settings"]["stages"]] == ["none", "static"]
   default = json.load(open(os.path.join(workdir, "report.json")))
-  assert rep["prompts"][0]["prompt"] not in [p["prompt"] for p in default["prompts"]]
+  # another suite: its relation prompt (1,080 possible) is not the default's
+  assert rep["prompts"][2]["category"] == "relation"
+  assert rep["prompts"][2]["prompt"] not in [p["prompt"] for p in default["prompts"]]
   assert "shapes alignment" in proc.stdout
   assert "stage diagnostics" in proc.stdout and "sr_only" in proc.stdout
   proc = _run(["imagen_jax.eval", f"--workdir={workdir}", f"--out={tmp_path}/ev2",
