@@ -164,7 +164,7 @@ class Stage:
         min_snr_gamma=float(d.min_snr_gamma),
         cond_drop_prob=float(d.cond_drop_prob),
         aug_schedule=str(d.aug_schedule), aug_max=float(d.aug_max),
-        sr_target=str(d.sr_target))
+        sr_target=str(d.get("sr_target", "image")))
 
   @property
   def is_sr(self) -> bool:

@@ -370,7 +370,7 @@ def from_config(text, mesh: Optional[Mesh] = None) -> TextEncoder:
                               vocab_path=text.vocab or "default",
                               max_length=int(text.max_length),
                               dtype=text.dtype, mesh=mesh,
-                              random_init=str(text.random_init))
+                              random_init=str(text.get("random_init", "t5")))
   if not text.checkpoint:
     raise ValueError(f"config.text.checkpoint is empty but text.source is "
                      f"{source!r}; set it to the T5 checkpoint directory, or use "
