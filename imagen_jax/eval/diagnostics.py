@@ -91,7 +91,9 @@ def headline(scored: dict) -> dict:
 
 
 def format_table(rows: dict) -> str:
-  """The diagnostics as an aligned text table (one line per row)."""
+  """The diagnostics as an aligned text table (one line per row, ROWS order)."""
+  rows = {k: rows[k] for k in sorted(rows, key=lambda k: (
+      ROWS.index(k) if k in ROWS else len(ROWS), k))}
   cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows.values())]
   name_w = max(len(n) for n in rows) + 2
   lines = ["stage diagnostics".ljust(name_w)
