@@ -62,14 +62,12 @@ def dynamic_threshold(x0: jax.Array, percentile: float = 99.5) -> jax.Array:
 def apply_threshold(x0: jax.Array, threshold: str, percentile: float = 99.5
                     ) -> jax.Array:
   """Applies the named threshold ("dynamic", "static" or "none") to x0."""
+  check_threshold(threshold)
   if threshold == "dynamic":
     return dynamic_threshold(x0, percentile)
   if threshold == "static":
     return static_threshold(x0)
-  if threshold == "none":
-    return x0
-  raise ValueError(f"Unknown threshold {threshold!r}; choose one of "
-                   f"{', '.join(THRESHOLDS)}.")
+  return x0
 
 
 def _threshold_offset(x0: jax.Array, threshold: str, percentile: float,
