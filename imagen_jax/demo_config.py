@@ -3,7 +3,7 @@
 ``imagen-demo --workdir=DIR`` runs it (``configs/demo.py`` is the same file for
 ``--config=configs/demo.py:VARIANT``). Variants:
 
-  shapes (default)  16x16 base U-Net + Efficient U-Net SR 16 -> 64 on
+  shapes (default)  32x32 base U-Net + Efficient U-Net SR 32 -> 64 on
                     ``shapes`` (10k rendered scenes, "red triangle" and "blue
                     circle" held out of training); ~20 minutes on 2 CPU cores.
   digits            the same cascade on scikit-learn's handwritten digits.
