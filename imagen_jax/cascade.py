@@ -134,13 +134,10 @@ def load_stage(path: str, mesh: Mesh, use_ema: bool = True) -> LoadedStage:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(boxed)["params"])
   step = None
   if not export:
-    ckpt = os.path.join(path, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) \
-        if os.path.isdir(ckpt) else []
-    if not steps:
+    step = ckpt_lib.latest_step(path)
+    if step is None:
       raise CascadeError(f"Training workdir {path!r} has no committed checkpoint "
                          "yet; train it first.")
-    step = steps[-1]
   params = ckpt_lib.restore_params(path, abstract, shardings, use_ema=use_ema)
   return LoadedStage(path, config, stage, params, spec, step)
 
@@ -382,11 +379,11 @@ def export_stage(workdir: str, out_dir: str, use_ema: bool = True,
   loaded = load_stage(workdir, mesh, use_ema)
   fileio.makedirs(out_dir)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(os.path.join(out_dir, "params")), loaded.params,
+  ckptr.save(fileio.join(fileio.abspath(out_dir), "params"), loaded.params,
              force=True)
   ckptr.wait_until_finished()
   config = json.loads(loaded.config.to_json_best_effort())
-  config["exported_from"] = {"workdir": os.path.abspath(workdir),
+  config["exported_from"] = {"workdir": fileio.abspath(workdir),
                              "step": loaded.step, "ema": use_ema}
   fileio.write_json(os.path.join(out_dir, "stage.json"), config)
   fileio.write_json(os.path.join(out_dir, "text_encoder.json"),

@@ -16,7 +16,6 @@ its own devices; process 0 writes the index once all are done.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Optional
@@ -31,7 +30,8 @@ from imagen_jax import host_malloc
 
 def store_path(config, workdir: str) -> str:
   """Where a config's embedding store lives."""
-  return config.data.store or os.path.join(workdir, "embeddings")
+  from imagen_jax import fileio  # pylint: disable=g-import-not-at-top
+  return config.data.store or fileio.join(workdir, "embeddings")
 
 
 def run_embed(config, workdir: str, process_index: Optional[int] = None,

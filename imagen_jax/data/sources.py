@@ -14,7 +14,6 @@ and counted.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Optional
 
 import numpy as np
@@ -154,7 +153,8 @@ def make_source(config, workdir: str, encode_fn: Optional[Callable] = None,
         global_batch=int(config.batch_size), encode_fn=encode_fn,
         seed=int(config.seed), process_index=process_index,
         process_count=process_count, num_examples=int(config.data.num_examples))
-  path = config.data.store or os.path.join(workdir, "embeddings")
+  from imagen_jax import embed  # pylint: disable=g-import-not-at-top
+  path = embed.store_path(config, workdir)
   store = store_lib.EmbeddingStore(path)
   return StoreSource(store, resolution=res, lowres_resolution=low,
                      global_batch=int(config.batch_size), seed=int(config.seed),

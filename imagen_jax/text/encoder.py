@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from imagen_jax import fileio
 from imagen_jax import parallel
 from imagen_jax.models import t5 as t5_lib
 from imagen_jax.text import t5_checkpoints
@@ -164,11 +165,10 @@ class TextEncoder:
               max_length: int = DEFAULT_MAX_LENGTH, dtype: str = "float32",
               mesh: Optional[Mesh] = None) -> "TextEncoder":
     """Loads a Hugging Face T5 checkpoint directory (its spiece.model by default)."""
-    import os  # pylint: disable=g-import-not-at-top
     config, params = t5_checkpoints.load_hf(path, dtype)
-    vocab_path = vocab_path or os.path.join(path, "spiece.model")
+    vocab_path = vocab_path or fileio.join(path, "spiece.model")
     spec = dict(t5=_size_name(config), source="hf",
-                checkpoint=os.path.abspath(path), seed=0)
+                checkpoint=fileio.abspath(path), seed=0)
     return cls._build(config, params, vocab_path, max_length, spec, mesh)
 
   @classmethod
@@ -176,12 +176,10 @@ class TextEncoder:
                max_length: int = DEFAULT_MAX_LENGTH, dtype: str = "float32",
                mesh: Optional[Mesh] = None) -> "TextEncoder":
     """Loads the encoder of a t5x checkpoint of a named T5 size."""
-    import os  # pylint: disable=g-import-not-at-top
     config = t5_lib.t5_config(size, dtype=dtype)
     params = t5_checkpoints.load_t5x(checkpoint_dir)
     spec = dict(t5=size, source="t5x",
-                checkpoint=checkpoint_dir if "://" in checkpoint_dir
-                else os.path.abspath(checkpoint_dir), seed=0)
+                checkpoint=fileio.abspath(checkpoint_dir), seed=0)
     return cls._build(config, params, vocab_path, max_length, spec, mesh)
 
   @classmethod

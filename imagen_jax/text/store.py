@@ -16,15 +16,18 @@ A record is a msgpack map with keys, in this order: ``id`` (str), ``caption``
 would have taken untrimmed) and ``emb`` (bfloat16 little-endian bytes of the
 ``[length, d_model]`` embeddings: padding is never stored).
 
-Shards are written under a temporary name and renamed when complete, so a
+Shards are written under a temporary name and renamed when complete (on an
+object store: written locally and uploaded, an object appearing whole), so a
 killed writer leaves only whole shards behind; the writer resumes after them.
+The store may be a gs:// URL; a reader then copies each shard it reads to
+the local temporary directory once (array_record reads local files only).
 """
 
 from __future__ import annotations
 
-import glob
-import json
+import io
 import os
+import tempfile
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -32,6 +35,7 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
+from imagen_jax import fileio
 from imagen_jax.text.encoder import check_same_encoder
 
 FORMAT = "imagen_jax.embeddings/1"
@@ -61,6 +65,23 @@ def decode_record(data: bytes, d_model: int) -> dict:
   return rec
 
 
+def _npy_bytes(arr: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, arr)
+  return buf.getvalue()
+
+
+def _load_npy(path: str) -> np.ndarray:
+  return np.load(io.BytesIO(fileio.read_bytes(path)))
+
+
+def _write_records(path: str, records: Sequence[bytes]) -> None:
+  writer = _ar().ArrayRecordWriter(path, "group_size:1")
+  for rec in records:
+    writer.write(rec)
+  writer.close()
+
+
 def shard_name(process: int, k: int) -> str:
   return f"shards/{process:03d}-{k:05d}.array_record"
 
@@ -71,16 +92,17 @@ class StoreWriter:
   def __init__(self, path: str, process_index: int = 0):
     self.path = path
     self.process_index = process_index
-    os.makedirs(os.path.join(path, "shards"), exist_ok=True)
+    fileio.makedirs(fileio.join(path, "shards"))
     # A temporary file is a shard a killed writer did not finish: discard it.
-    for tmp in glob.glob(os.path.join(path, "shards",
-                                      f"{process_index:03d}-*.tmp")):
-      os.remove(tmp)
+    for tmp in fileio.glob(fileio.join(path, "shards",
+                                       f"{process_index:03d}-*.tmp")):
+      fileio.remove(tmp)
 
   def completed_shards(self) -> int:
     """How many shards (0..k-1, contiguous) this process already finished."""
     k = 0
-    while os.path.isfile(os.path.join(self.path, shard_name(self.process_index, k))):
+    while fileio.isfile(fileio.join(self.path,
+                                    shard_name(self.process_index, k))):
       k += 1
     return k
 
@@ -90,22 +112,25 @@ class StoreWriter:
 
     The sides file goes first: a shard file exists only with its sides.
     """
-    final = os.path.join(self.path, shard_name(self.process_index, k))
-    np.save(final[:-len(".array_record")] + ".sides.npy",
-            np.asarray(sides, np.uint32))
+    final = fileio.join(self.path, shard_name(self.process_index, k))
+    fileio.write_bytes(final[:-len(".array_record")] + ".sides.npy",
+                       _npy_bytes(np.asarray(sides, np.uint32)))
+    if fileio.is_remote(final):
+      with tempfile.TemporaryDirectory(prefix="imagen_jax_shard_") as tmp_dir:
+        tmp = os.path.join(tmp_dir, "shard.array_record")
+        _write_records(tmp, records)
+        fileio.upload(tmp, final)
+      return
     tmp = final[:-len(".array_record")] + ".tmp"
-    writer = _ar().ArrayRecordWriter(tmp, "group_size:1")
-    for rec in records:
-      writer.write(rec)
-    writer.close()
+    _write_records(tmp, records)
     os.replace(tmp, final)
 
   def shard_stats(self, max_length: int) -> dict:
     """Counts over all of this process's shards (exact on resumed runs too)."""
     stats = {"examples": 0, "truncated": 0, "empty": 0}
     for k in range(self.completed_shards()):
-      reader = _ar().ArrayRecordReader(
-          os.path.join(self.path, shard_name(self.process_index, k)))
+      reader = _ar().ArrayRecordReader(fileio.cached_local_copy(
+          fileio.join(self.path, shard_name(self.process_index, k))))
       for data in reader.read_all():
         rec = msgpack.unpackb(data, raw=False)
         stats["examples"] += 1
@@ -118,10 +143,8 @@ class StoreWriter:
     """Records that this process has written everything it will write."""
     data = dict(stats, process=self.process_index,
                 shards=self.completed_shards())
-    tmp = os.path.join(self.path, f"done-{self.process_index:03d}.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(data, f, sort_keys=True)
-    os.replace(tmp, os.path.join(self.path, f"done-{self.process_index:03d}.json"))
+    fileio.write_json(
+        fileio.join(self.path, f"done-{self.process_index:03d}.json"), data)
 
 
 def finalize(path: str, num_processes: int, *, text_encoder: dict,
@@ -142,30 +165,27 @@ def finalize(path: str, num_processes: int, *, text_encoder: dict,
     The manifest.
   """
   deadline = time.time() + wait_s
-  done_files = [os.path.join(path, f"done-{p:03d}.json") for p in range(num_processes)]
-  while not all(os.path.isfile(f) for f in done_files):
+  done_files = [fileio.join(path, f"done-{p:03d}.json")
+                for p in range(num_processes)]
+  while not all(fileio.isfile(f) for f in done_files):
     if time.time() > deadline:
-      missing = [f for f in done_files if not os.path.isfile(f)]
+      missing = [f for f in done_files if not fileio.isfile(f)]
       raise TimeoutError(f"Embedding store {path}: processes still running "
                          f"after {wait_s:.0f}s (missing {missing[0]}).")
     time.sleep(0.5)
-  dones = []
-  for f in done_files:
-    with open(f) as fh:
-      dones.append(json.load(fh))
+  dones = [fileio.read_json(f) for f in done_files]
   shards, sides = [], []
   for p, done in enumerate(dones):
     for k in range(done["shards"]):
-      reader = _ar().ArrayRecordReader(os.path.join(path, shard_name(p, k)))
+      reader = _ar().ArrayRecordReader(fileio.cached_local_copy(
+          fileio.join(path, shard_name(p, k))))
       shards.append({"file": shard_name(p, k), "count": int(reader.num_records())})
       reader.close()
-      sides.append(np.load(os.path.join(
+      sides.append(_load_npy(fileio.join(
           path, shard_name(p, k)[:-len(".array_record")] + ".sides.npy")))
   total = sum(s["count"] for s in shards)
   sides_all = np.concatenate(sides) if sides else np.zeros((0,), np.uint32)
-  with open(os.path.join(path, "sides.npy.tmp"), "wb") as f:
-    np.save(f, sides_all)
-  os.replace(os.path.join(path, "sides.npy.tmp"), os.path.join(path, "sides.npy"))
+  fileio.write_bytes(fileio.join(path, "sides.npy"), _npy_bytes(sides_all))
   index = {"format": FORMAT, "d_model": int(d_model),
            "max_length": int(max_length), "total": total, "shards": shards}
   manifest = {
@@ -178,16 +198,13 @@ def finalize(path: str, num_processes: int, *, text_encoder: dict,
       "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   for name, data in (("index.json", index), ("manifest.json", manifest)):
-    tmp = os.path.join(path, name + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(path, name))
+    fileio.write_json(fileio.join(path, name), data)
   return manifest
 
 
 def is_complete(path: str) -> bool:
   """True when a finished store (with index and manifest) is at ``path``."""
-  return all(os.path.isfile(os.path.join(path, f))
+  return all(fileio.isfile(fileio.join(path, f))
              for f in ("index.json", "manifest.json"))
 
 
@@ -204,10 +221,8 @@ class EmbeddingStore:
           f"No finished embedding store at {path!r} (index.json/manifest.json "
           "missing); run `imagen-embed` for this config first.")
     self.path = path
-    with open(os.path.join(path, "index.json")) as f:
-      self.index = json.load(f)
-    with open(os.path.join(path, "manifest.json")) as f:
-      self.manifest = json.load(f)
+    self.index = fileio.read_json(fileio.join(path, "index.json"))
+    self.manifest = fileio.read_json(fileio.join(path, "manifest.json"))
     if self.index.get("format") != FORMAT:
       raise ValueError(f"{path!r} is a {self.index.get('format')!r} store; this "
                        f"reader reads {FORMAT}.")
@@ -216,7 +231,7 @@ class EmbeddingStore:
     counts = np.array([s["count"] for s in self.index["shards"]], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(counts)])
     self._readers: dict[int, object] = {}
-    self.sides = np.load(os.path.join(path, "sides.npy"))
+    self.sides = _load_npy(fileio.join(path, "sides.npy"))
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -232,8 +247,8 @@ class EmbeddingStore:
 
   def _reader(self, shard: int):
     if shard not in self._readers:
-      self._readers[shard] = _ar().ArrayRecordReader(
-          os.path.join(self.path, self.index["shards"][shard]["file"]))
+      self._readers[shard] = _ar().ArrayRecordReader(fileio.cached_local_copy(
+          fileio.join(self.path, self.index["shards"][shard]["file"])))
     return self._readers[shard]
 
   def get_many(self, indices: Iterable[int]) -> list[dict]:

@@ -58,27 +58,32 @@ def hf_config_to_t5(config: Mapping[str, Any], dtype: str = "float32"
 
 
 def _read_hf_tensors(path: str) -> Mapping[str, np.ndarray]:
-  single = os.path.join(path, "model.safetensors")
-  index = os.path.join(path, "model.safetensors.index.json")
-  torch_bin = os.path.join(path, "pytorch_model.bin")
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  if os.path.isfile(single):
+  single = fileio.join(path, "model.safetensors")
+  index = fileio.join(path, "model.safetensors.index.json")
+  torch_bin = fileio.join(path, "pytorch_model.bin")
+
+  def load_file(name):
+    from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
+    if fileio.is_remote(name):
+      return st.load(fileio.read_bytes(name))
+    return st.load_file(name)
+  if fileio.isfile(single):
     return load_file(single)
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+  if fileio.isfile(index):
+    files = sorted(set(fileio.read_json(index)["weight_map"].values()))
     out = {}
     for name in files:
-      out.update(load_file(os.path.join(path, name)))
+      out.update(load_file(fileio.join(path, name)))
     return out
-  if os.path.isfile(torch_bin):
+  if fileio.isfile(torch_bin):
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ImportError(f"{torch_bin} is a PyTorch pickle and torch is not "
                         "installed; install torch or convert the checkpoint to "
                         "safetensors.") from None
-    state = torch.load(torch_bin, map_location="cpu", weights_only=True)
+    with fileio.open_file(torch_bin, "rb") as f:
+      state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
   raise FileNotFoundError(
       f"{path!r} has no model.safetensors, model.safetensors.index.json or "
@@ -95,12 +100,11 @@ def load_hf(path: str, dtype: str = "float32") -> tuple[T5Config, Params]:
   Returns:
     (config, params) with float32 numpy params.
   """
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
+  cfg_path = fileio.join(path, "config.json")
+  if not fileio.isfile(cfg_path):
     raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face "
                             "T5 checkpoint directory.")
-  with open(cfg_path) as f:
-    config = hf_config_to_t5(json.load(f), dtype)
+  config = hf_config_to_t5(fileio.read_json(cfg_path), dtype)
   w = _read_hf_tensors(path)
 
   def get(name):
@@ -147,14 +151,17 @@ def _read_ts(spec: dict, ckpt_dir: str) -> np.ndarray:
   spec = json.loads(json.dumps(spec, default=_json_default))
   rel = spec["kvstore"].get("path", spec.get("path", ""))
   spec.pop("path", None)  # tensorstore < 0.1.14 kept the path at the top
-  if ckpt_dir.startswith("gs://"):
-    bucket, _, prefix = ckpt_dir[len("gs://"):].partition("/")
-    spec["kvstore"] = {"driver": "gcs", "bucket": bucket,
-                       "path": os.path.join(prefix, rel)}
-  else:
-    spec["kvstore"] = {"driver": "file", "path": os.path.join(ckpt_dir, rel)}
+  spec["kvstore"] = _kvstore(fileio.join(ckpt_dir, rel))
   arr = ts.open(spec, open=True, read=True).result().read().result()
   return np.asarray(arr, np.float32)
+
+
+def _kvstore(path: str) -> dict:
+  """A tensorstore kvstore spec for a local path or a gs:// URL."""
+  if path.startswith("gs://"):
+    bucket, _, prefix = path[len("gs://"):].partition("/")
+    return {"driver": "gcs", "bucket": bucket, "path": prefix}
+  return {"driver": "file", "path": path}
 
 
 def _json_default(x):
@@ -206,9 +213,7 @@ def load_t5x(checkpoint_dir: str) -> Params:
   # orbax PyTree checkpoint (params tree, optionally under "target")
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
-    tree = ocp.PyTreeCheckpointer().restore(
-        checkpoint_dir if fileio.is_remote(checkpoint_dir)
-        else os.path.abspath(checkpoint_dir))
+    tree = ocp.PyTreeCheckpointer().restore(fileio.abspath(checkpoint_dir))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{checkpoint_dir!r} is neither a t5x checkpoint (no "
                      f"'checkpoint' msgpack) nor an orbax checkpoint ({e}).") from None
@@ -241,7 +246,7 @@ def save_t5x(params: Params, checkpoint_dir: str, step: int = 0,
   """
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  os.makedirs(checkpoint_dir, exist_ok=True)
+  fileio.makedirs(checkpoint_dir)
 
   def write(path, arr):
     arr = np.asarray(arr, np.float32)
@@ -253,7 +258,7 @@ def save_t5x(params: Params, checkpoint_dir: str, step: int = 0,
             "metadata": {"compressor": {"id": "gzip"}, "shape": list(arr.shape),
                          "chunks": list(arr.shape)}}
     full = json.loads(json.dumps(spec))
-    full["kvstore"]["path"] = os.path.join(checkpoint_dir, name)
+    full["kvstore"] = _kvstore(fileio.join(checkpoint_dir, name))
     store = ts.open(full, create=True, delete_existing=True).result()
     store.write(arr).result()
     return spec
@@ -266,5 +271,5 @@ def save_t5x(params: Params, checkpoint_dir: str, step: int = 0,
   target = walk(dict(params))
   state = {"version": 3, "optimizer": {"target": target,
                                        "state": {"step": np.int64(step)}}}
-  with open(os.path.join(checkpoint_dir, "checkpoint"), "wb") as f:
-    f.write(serialization.msgpack_serialize(state))
+  fileio.write_bytes(fileio.join(checkpoint_dir, "checkpoint"),
+                     serialization.msgpack_serialize(state))

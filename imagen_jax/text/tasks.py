@@ -20,17 +20,18 @@ shards (jpg/png + txt, as img2dataset writes them).
 from __future__ import annotations
 
 import functools
-import glob
-import io
 import operator
 import os
+import re
+import struct
 import tarfile
-from typing import Optional
+from typing import Iterator, Optional
 
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from imagen_jax import fileio
 from imagen_jax.text import vocab as vocab_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -211,12 +212,12 @@ def register_tfrecord_task(name: str, *, file_pattern: str, vocab_path: str,
 
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed  # deterministic order: the embed job resumes by position
-    files = sorted(glob.glob(splits[split]))
+    files = fileio.glob(splits[split])
     if not files:
       raise FileNotFoundError(f"No TFRecord files match {splits[split]!r}.")
 
     def per_file(i, path):
-      ds = tf.data.TFRecordDataset(path).map(
+      ds = _tfrecord_dataset(path, remote=fileio.is_remote(files[0])).map(
           lambda r: tf.io.parse_single_example(r, desc))
       return ds.enumerate().map(lambda j, ex: {
           **ex, "_auto_id": tf.strings.join(
@@ -236,10 +237,39 @@ def register_tfrecord_task(name: str, *, file_pattern: str, vocab_path: str,
   return _register(name, source, pre, vocab_path)
 
 
+def _tfrecord_dataset(path, remote: bool) -> tf.data.Dataset:
+  """Records of one TFRecord file; URLs are read through ``fileio``."""
+  if not remote:
+    return tf.data.TFRecordDataset(path)
+
+  def gen(p):
+    with fileio.open_file(p.decode(), "rb") as f:
+      yield from read_tfrecords(f)
+  return tf.data.Dataset.from_generator(
+      gen, args=(path,), output_signature=tf.TensorSpec([], tf.string))
+
+
+def read_tfrecords(fileobj) -> Iterator[bytes]:
+  """The records of a TFRecord stream (length-prefixed, CRC-framed)."""
+  while True:
+    header = fileobj.read(12)  # uint64 length, uint32 masked CRC of it
+    if not header:
+      return
+    if len(header) < 12:
+      raise ValueError("truncated TFRecord header")
+    (length,) = struct.unpack("<Q", header[:8])
+    data = fileobj.read(length)
+    if len(data) < length or len(fileobj.read(4)) < 4:
+      raise ValueError("truncated TFRecord")
+    yield data
+
+
 def _split_patterns(pattern: str) -> dict[str, str]:
-  if ":" in pattern and not os.path.exists(pattern.split(":", 1)[0]) and \
-      all(":" in p for p in pattern.split(",")):
-    return dict(p.split(":", 1) for p in pattern.split(","))
+  """"split:glob,split:glob" -> {split: glob}; a plain glob or URL is "train"."""
+  parts = pattern.split(",")
+  if all(re.fullmatch(r"\w+:(?!//).+", p) for p in parts) and not \
+      fileio.exists(parts[0].split(":", 1)[0]):
+    return dict(p.split(":", 1) for p in parts)
   return {"train": pattern}
 
 
@@ -247,14 +277,12 @@ def _split_patterns(pattern: str) -> dict[str, str]:
 
 def folder_examples(folder: str) -> list[tuple[str, str]]:
   """(image path, caption path) pairs under ``folder``, sorted by path."""
-  if not os.path.isdir(folder):
+  if not fileio.isdir(folder):
     raise FileNotFoundError(f"Image folder {folder!r} does not exist.")
   pairs = []
-  for root, _, files in os.walk(folder):
-    for f in files:
-      if f.lower().endswith(IMAGE_EXTENSIONS):
-        img = os.path.join(root, f)
-        pairs.append((img, os.path.splitext(img)[0] + ".txt"))
+  for img in fileio.walk_files(folder):
+    if img.lower().endswith(IMAGE_EXTENSIONS):
+      pairs.append((img, os.path.splitext(img)[0] + ".txt"))
   return sorted(pairs)
 
 
@@ -270,13 +298,10 @@ def register_folder_task(name: str, *, folder: str, vocab_path: str
 
     def gen():
       for img, txt in pairs:
-        cap = b""
-        if os.path.isfile(txt):
-          with open(txt, "rb") as f:
-            cap = f.read()
-        with open(img, "rb") as f:
-          data = f.read()
-        yield {"id": os.path.relpath(img, folder), "caption": cap, "image": data}
+        cap = fileio.read_bytes(txt) if fileio.isfile(txt) else b""
+        data = fileio.read_bytes(img)
+        yield {"id": img[len(folder.rstrip("/")) + 1:], "caption": cap,
+               "image": data}
     sig = {k: tf.TensorSpec([], tf.string) for k in ("id", "caption", "image")}
     return tf.data.Dataset.from_generator(gen, output_signature=sig)
 
@@ -317,14 +342,14 @@ def register_webdataset_task(name: str, *, file_pattern: str, vocab_path: str
 
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed
-    files = sorted(glob.glob(splits[split]))
+    files = fileio.glob(splits[split])
     if not files:
       raise FileNotFoundError(f"No tar shards match {splits[split]!r}.")
 
     def gen():
       for path in files:
-        with open(path, "rb") as f:
-          for ex in webdataset_examples(io.BytesIO(f.read())):
+        with fileio.open_file(path, "rb") as f:
+          for ex in webdataset_examples(f):
             ex["id"] = f"{os.path.basename(path)}/{ex['id']}"
             yield ex
     sig = {k: tf.TensorSpec([], tf.string) for k in ("id", "caption", "image")}

@@ -47,7 +47,10 @@ def load_vocabulary(path: str, extra_ids: int = 0
     raise FileNotFoundError(
         f"SentencePiece vocabulary {path!r} does not exist; pass the T5 "
         "sentencepiece .model file (or 'default' for the demo vocabulary).")
-  vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  # seqio opens the model through tf.io.gfile, lazily: give it a local copy
+  # that lives as long as the process.
+  vocab = seqio.SentencePieceVocabulary(fileio.cached_local_copy(path),
+                                        extra_ids=extra_ids)
   try:
     vocab.tokenizer  # parses the file now, so a bad file fails here
   except Exception as e:  # pylint: disable=broad-except
@@ -87,8 +90,7 @@ def build_vocab(out_path: str, vocab_size: int = DEMO_VOCAB_SIZE,
       pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
       num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
       hard_vocab_limit=True, minloglevel=2)
-  with open(out_path, "wb") as f:
-    f.write(model.getvalue())
+  fileio.write_bytes(out_path, model.getvalue())
 
 
 def main(argv=None) -> None:
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
   parser.add_argument("--vocab_size", type=int, default=DEMO_VOCAB_SIZE)
   args = parser.parse_args(argv)
   build_vocab(args.out, args.vocab_size)
-  print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes, sha256 "
+  print(f"wrote {args.out} ({fileio.size(args.out)} bytes, sha256 "
         f"{vocab_sha256(args.out)[:16]}...)")
 
 

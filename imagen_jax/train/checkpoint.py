@@ -24,14 +24,39 @@ not interleave with the train step's collectives from another thread.
 from __future__ import annotations
 
 import concurrent.futures
-import os
+import logging
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from imagen_jax import fileio
 from imagen_jax.train.state import TrainState, abstract_with_shardings
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run's checkpoints live (a URL stays a URL)."""
+  return fileio.join(fileio.abspath(workdir), "checkpoints")
+
+
+def committed_steps(directory: str) -> list[int]:
+  """Steps whose save committed in a checkpoint directory, ascending.
+
+  The one definition of "a step that restore may read": orbax's finalized
+  step directories (renamed from their temporary name on a local disk;
+  holding ``commit_success.txt`` on an object store). A save killed midway
+  leaves nothing listed here.
+  """
+  if not fileio.isdir(directory):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(directory))
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  """The newest committed step of a training workdir, or None."""
+  steps = committed_steps(checkpoint_dir(workdir))
+  return steps[-1] if steps else None
 
 
 class Checkpointer:
@@ -39,7 +64,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_period: int = 0,
                async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep or None, keep_period=keep_period or None,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
@@ -72,12 +97,14 @@ class Checkpointer:
         lambda: self._snapshot.lower(abstract).compile())
 
   def latest_step(self) -> Optional[int]:
-    self._join_handoff()
-    return self.manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
+    """Committed steps, ascending (``committed_steps``)."""
     self._join_handoff()
-    return list(self.manager.all_steps())
+    self.manager.wait_until_finished()
+    return committed_steps(self.directory)
 
   def save(self, step: int, state: TrainState, meta: dict, *,
            force: bool = True) -> bool:
@@ -124,6 +151,51 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return out.state, out.meta
 
+  def restore_latest(self, abstract: TrainState, shardings: TrainState
+                     ) -> Optional[tuple[int, TrainState, dict]]:
+    """Restores the newest committed step that reads back whole.
+
+    A step whose files were damaged after their commit (a truncated or
+    corrupted array file, a disk that lost a write) is skipped with one
+    warning line naming it and the step used instead. Nothing is deleted:
+    the damaged step is moved aside to ``<step>.damaged`` (which orbax does
+    not list), so the resumed run can save that step number again.
+
+    Returns:
+      (step, state, meta), or None when no committed step reads back.
+    """
+    steps = self.all_steps()
+    for i in range(len(steps) - 1, -1, -1):
+      try:
+        state, meta = self.restore(steps[i], abstract, shardings)
+      except Exception as e:  # pylint: disable=broad-except
+        # Any failure to read a step is a damaged step: orbax, tensorstore
+        # and the JSON reader raise many types.
+        fallback = steps[i - 1] if i else None
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        damaged = fileio.join(self.directory, str(steps[i]))
+        aside = self._move_aside(damaged)
+        logging.warning(
+            "checkpoint step %d in %s cannot be read (%s: %s); resuming from "
+            "%s instead; the damaged step was moved to %s.", steps[i],
+            self.directory, type(e).__name__, first_line[:200],
+            f"step {fallback}" if fallback is not None else "scratch", aside)
+        continue
+      return steps[i], state, meta
+    return None
+
+  def _move_aside(self, step_dir: str) -> str:
+    """Renames a damaged step directory to a free ``<step>.damaged[N]`` name."""
+    n = 0
+    while fileio.exists(f"{step_dir}.damaged{n or ''}"):
+      n += 1
+    aside = f"{step_dir}.damaged{n or ''}"
+    if jax.process_index() == 0:
+      fileio.rename(step_dir, aside)
+    # Orbax's manager lists its steps when created: make it list them again.
+    self.manager.reload()
+    return aside
+
   def wait(self) -> None:
     """Blocks until in-flight saves (and prepare's compile) are done."""
     if self._compiled_snapshot is not None:
@@ -154,20 +226,21 @@ def restore_params(path: str, abstract_params: Any, shardings: Any,
   Returns:
     The params.
   """
-  path = os.path.abspath(path)
+  path = fileio.abspath(path)
   target = abstract_with_shardings(abstract_params, shardings)
-  if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(
-      os.path.join(path, "stage.json")):
-    return ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+  if fileio.isfile(fileio.join(path, "stage.json")) and fileio.isdir(
+      fileio.join(path, "params")):
+    return ocp.StandardCheckpointer().restore(fileio.join(path, "params"),
+                                              target)
   step_dir = path
-  ckpts = os.path.join(path, "checkpoints")
-  if os.path.isdir(ckpts):
-    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  ckpts = checkpoint_dir(path)
+  if fileio.isdir(ckpts):
+    steps = committed_steps(ckpts)
     if not steps:
       raise FileNotFoundError(f"init_from {path!r} has no committed checkpoint.")
-    step_dir = os.path.join(ckpts, str(steps[-1]))
-  state_dir = os.path.join(step_dir, "state")
-  if not os.path.isdir(state_dir):
+    step_dir = fileio.join(ckpts, str(steps[-1]))
+  state_dir = fileio.join(step_dir, "state")
+  if not fileio.isdir(state_dir):
     raise FileNotFoundError(
         f"init_from {path!r} is neither a training workdir, a checkpoint step "
         "directory, nor an export (no params/ + stage.json).")

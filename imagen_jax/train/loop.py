@@ -251,9 +251,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(config.keep_checkpoints),
                                keep_period=int(config.keep_period),
                                async_save=bool(config.async_checkpoints))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, abstract, shardings)
+  restored = ckpt.restore_latest(abstract, shardings)
+  if restored is not None:
+    latest, state, meta = restored
     position = int(meta["data_position"])
     logging.info("resumed from step %d", latest)
   else:
@@ -324,6 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           last_metrics["total_skipped_steps"] = float(
               jax.device_get(state.total_skipped))
           writer.write_scalars(step, last_metrics)
+          writer.flush()
           if progress and jax.process_index() == 0:
             rate = last_metrics.get("steps_per_sec", 0)
             eta = (stop - step) / rate if rate else None
@@ -346,7 +347,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.wait()
   finally:
     prefetch.close()
-    writer.flush()
+    writer.close()
     ckpt.close()
   if progress and jax.process_index() == 0:
     print(f"done: step {step}, {time.perf_counter() - t_start:.1f}s", flush=True)

@@ -175,10 +175,56 @@ def reduce_metrics(history: list[dict[str, Any]], buckets: int) -> dict[str, flo
 
 
 def create_writer(workdir: str):
-  """clu writer: TensorBoard event files + log lines (process 0 writes files)."""
+  """clu writer: TensorBoard event files + log lines (process 0 writes files).
+
+  A URL workdir gets its event files through ``fileio`` (``_UploadingWriter``),
+  so they reach any storage fileio reaches.
+  """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from imagen_jax import fileio  # pylint: disable=g-import-not-at-top
+  if fileio.is_remote(workdir) and jax.process_index() == 0:
+    return _UploadingWriter(workdir)
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
+
+
+class _UploadingWriter:
+  """A clu writer on a local spool directory, copied to a URL on ``flush``.
+
+  Event files are appended to locally and each flush uploads the files that
+  grew (a whole object each time: object stores cannot append), so the
+  bucket holds every event up to the last flush.
+  """
+
+  def __init__(self, workdir: str):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self._dest = workdir
+    self._local = tempfile.mkdtemp(prefix="imagen_jax_tb_")
+    self._inner = metric_writers.create_default_writer(self._local)
+    self._sizes: dict[str, int] = {}
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+  def flush(self) -> None:
+    from imagen_jax import fileio  # pylint: disable=g-import-not-at-top
+    self._inner.flush()
+    for path in fileio.walk_files(self._local):
+      size = os.path.getsize(path)
+      if self._sizes.get(path) != size:
+        rel = os.path.relpath(path, self._local)
+        fileio.makedirs(fileio.join(self._dest, os.path.dirname(rel)))
+        fileio.upload(path, fileio.join(self._dest, rel))
+        self._sizes[path] = size
+
+  def close(self) -> None:
+    import shutil  # pylint: disable=g-import-not-at-top
+    try:
+      self.flush()
+    finally:
+      self._inner.close()
+      shutil.rmtree(self._local, ignore_errors=True)
 
 
 def format_line(step: int, total: int, metrics: dict[str, float],
