@@ -41,6 +41,13 @@ def build_unet(model: ml_collections.ConfigDict) -> UNet:
       dropout=float(model.dropout),
       dtype=str(model.dtype),
       remat=str(model.remat),
+      out_channels=int(model.get("out_channels", 0)) or None,
+      family=str(model.get("family", "imagen")),
+      res_scale=float(model.get("res_scale", 1.0)),
+      mid_scale=float(model.get("mid_scale", 1.0)),
+      emb_act=bool(model.get("emb_act", False)),
+      skip_time_act=bool(model.get("skip_time_act", False)),
+      pool_heads=int(model.get("pool_heads", 64)),
   )
 
 

@@ -32,6 +32,13 @@ def model_defaults() -> ml_collections.ConfigDict:
       dropout=0.0,
       dtype="bfloat16",
       remat="none",
+      out_channels=0,       # 0: in_channels (IF: 6, eps + learned variance)
+      family="imagen",      # imagen | if (DeepFloyd IF's blocks)
+      res_scale=1.0,        # IF: res block output divisor
+      mid_scale=1.0,        # IF: middle res blocks' output divisor
+      emb_act=False,        # IF-II: GELU on the summed embedding
+      skip_time_act=False,  # IF-II: no GELU before res blocks' projection
+      pool_heads=64,        # IF: text attention-pooling heads
   ))
 
 

@@ -21,6 +21,12 @@ cross-attention over the whole text sequence at chosen levels, with a learned
 always-visible null token so all-masked (null) text is well defined and
 padding has no effect. SR stages receive the low-res image, resized to the
 stage resolution and concatenated to the noisy input.
+
+``family="if"`` builds DeepFloyd IF's network in the standard layout with
+IF's blocks (``if_blocks``): GELU scale-shift res blocks that also do the
+resampling, attention over [text, image] tokens, IF's attention pooling and
+discrete-step time embedding, a noise-augmentation step embedding for stage
+II, and ``out_channels=6`` for eps plus learned-variance channels.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models import if_blocks
 from imagen_jax.models import layers
 
 REMAT_POLICIES = {
@@ -80,6 +87,15 @@ class UNet(nn.Module):
     dtype: compute dtype name ("float32", "bfloat16"); params stay float32.
     remat: rematerialisation policy per block: "none", "full", "dots",
       "dots_no_batch".
+    family: "imagen" or "if" (DeepFloyd IF's blocks, standard layout only;
+      attention at the levels with ``cross_attn``, over text and image
+      tokens where ``self_attn`` is set, over the text alone elsewhere).
+    res_scale: IF: res blocks' outputs are divided by this.
+    mid_scale: IF: the same for the middle block's res blocks.
+    emb_act: IF: GELU on the summed conditioning embedding (IF-II).
+    skip_time_act: IF: res blocks project the embedding without a GELU
+      first (IF-II, whose embedding is activated once by ``emb_act``).
+    pool_heads: IF: heads of the text attention pooling.
   """
   base_channels: int = 128
   channel_mult: Sequence[int] = (1, 2, 4, 8)
@@ -101,6 +117,12 @@ class UNet(nn.Module):
   dropout: float = 0.0
   dtype: str = "float32"
   remat: str = "none"
+  family: str = "imagen"
+  res_scale: float = 1.0
+  mid_scale: float = 1.0
+  emb_act: bool = False
+  skip_time_act: bool = False
+  pool_heads: int = 64
 
   def _check_inputs(self, x, logsnr, text, text_mask, lowres, aug_logsnr):
     levels = len(self.channel_mult)
@@ -159,6 +181,11 @@ class UNet(nn.Module):
       Predictions ``[B, H, W, out_channels]`` in float32.
     """
     self._check_inputs(x, logsnr, text, text_mask, lowres, aug_logsnr)
+    if self.family == "if":
+      return self._if_network(x, logsnr, text, text_mask, lowres, aug_logsnr)
+    if self.family != "imagen":
+      raise ValueError(f"Unknown U-Net family {self.family!r}; use 'imagen' "
+                       "or 'if'.")
     dtype = DTYPES[self.dtype]
     levels = len(self.channel_mult)
     num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
@@ -228,8 +255,14 @@ class UNet(nn.Module):
                       kernel_init=layers.ZEROS, name="conv_out")(h)
     return out.astype(jnp.float32)
 
-  def _standard(self, h, widths, num_blocks, res_block, attn_block):
+  def _standard(self, h, widths, num_blocks, res_block, attn_block,
+                down_fn=None, up_fn=None):
     levels = len(widths)
+    dtype = DTYPES[self.dtype]
+    down_fn = down_fn or (lambda feats, name, inp: layers.Downsample(
+        feats, dtype, name=name)(inp))
+    up_fn = up_fn or (lambda feats, name, inp: layers.Upsample(
+        feats, dtype, name=name)(inp))
     skips = [h]
     for i in range(levels):
       for j in range(num_blocks[i]):
@@ -237,8 +270,7 @@ class UNet(nn.Module):
         h = attn_block(f"down_{i}_attn_{j}", i, h)
         skips.append(h)
       if i < levels - 1:
-        h = layers.Downsample(widths[i], DTYPES[self.dtype],
-                              name=f"down_{i}_resample")(h)
+        h = down_fn(widths[i], f"down_{i}_resample", h)
         skips.append(h)
     h = res_block("mid_res_0", widths[-1], h)
     if self.mid_attn:
@@ -250,10 +282,70 @@ class UNet(nn.Module):
         h = res_block(f"up_{i}_res_{j}", widths[i], h)
         h = attn_block(f"up_{i}_attn_{j}", i, h)
       if i > 0:
-        h = layers.Upsample(widths[i], DTYPES[self.dtype],
-                            name=f"up_{i}_resample")(h)
+        h = up_fn(widths[i], f"up_{i}_resample", h)
     assert not skips
     return h
+
+  def _if_network(self, x, logsnr, text, text_mask, lowres, aug_logsnr):
+    """DeepFloyd IF's U-Net (``family="if"``); see ``if_blocks``."""
+    if self.efficient:
+      raise ValueError("family='if' uses the standard layout; set "
+                       "efficient=False.")
+    dtype = DTYPES[self.dtype]
+    levels = len(self.channel_mult)
+    num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
+    self_attn = _per_level(self.self_attn, levels, "self_attn")
+    cross_attn = _per_level(self.cross_attn, levels, "cross_attn")
+    widths = [self.base_channels * m for m in self.channel_mult]
+    emb_dim = self.emb_dim or 4 * self.base_channels
+    b, height, width, channels = x.shape
+    res_cls, attn_cls = if_blocks.ResBlock, if_blocks.AttentionBlock
+    if self.remat != "none":
+      res_cls = nn.remat(res_cls, policy=REMAT_POLICIES[self.remat])
+      attn_cls = nn.remat(attn_cls, policy=REMAT_POLICIES[self.remat])
+
+    emb = if_blocks.StepMLP(widths[0], emb_dim, dtype, name="time_mlp")(
+        if_blocks.logsnr_to_step(logsnr))
+    if self.lowres_cond:
+      emb = emb + if_blocks.StepMLP(widths[0], emb_dim, dtype, name="aug_mlp")(
+          if_blocks.logsnr_to_step(aug_logsnr))
+    emb = emb + if_blocks.TextPool(emb_dim, self.pool_heads, dtype,
+                                   name="text_pool")(text)
+    if self.emb_act:
+      emb = if_blocks.gelu(emb)
+    ctx = if_blocks.dense(self.cond_dim, dtype, "text_proj")(text.astype(dtype))
+    ctx = layers.constrain_seq(ctx)
+    mask = text_mask.astype(bool)
+
+    h = x.astype(dtype)
+    if self.lowres_cond:
+      # IF noises its low-res input after upsampling it, so it may arrive at
+      # the output size already.
+      up = lowres
+      if lowres.shape[1:3] != (height, width):
+        up = if_blocks.resize_align_corners(lowres, height, width)
+      h = jnp.concatenate([h, up.astype(dtype)], axis=-1)
+    h = if_blocks.conv(widths[0], dtype, "conv_in")(h)
+
+    def res_block(name, feats, inp, resample=None):
+      scale = self.mid_scale if name.startswith("mid") else self.res_scale
+      return res_cls(feats, self.num_groups, resample,
+                     not self.skip_time_act, scale, dtype, name=name)(inp, emb)
+
+    def attn_block(name, level, inp, self_on=None):
+      if self_on is None and not cross_attn[level]:
+        return inp
+      return attn_cls(self.head_dim, self.num_groups, 32,
+                      not self_attn[level], dtype, name=name)(inp, ctx, mask)
+
+    h = self._standard(
+        h, widths, num_blocks, res_block, attn_block,
+        down_fn=lambda f, name, inp: res_block(name, f, inp, "down"),
+        up_fn=lambda f, name, inp: res_block(name, f, inp, "up"))
+    h = if_blocks.gelu(if_blocks.group_norm(self.num_groups, "norm_out")(h))
+    out = if_blocks.conv(self.out_channels or self.in_channels, dtype,
+                         "conv_out")(h.astype(dtype))
+    return out.astype(jnp.float32)
 
   def _efficient(self, h, emb, widths, num_blocks, res_block, attn_block):
     levels = len(widths)

@@ -1,0 +1,312 @@
+"""DeepFloyd IF checkpoints -> our ``UNet(family="if")``: config and key mapping.
+
+Reads the diffusers layout of an IF stage directory::
+
+  model_index.json            (optional; names the pipeline)
+  unet/config.json            UNet2DConditionModel config
+  unet/diffusion_pytorch_model[.fp16].safetensors
+  unet/diffusion_pytorch_model[.fp16].safetensors.index.json + shards
+  text_encoder/               Hugging Face T5 (our encoder reads it as is)
+
+``unet_config_to_model`` turns ``unet/config.json`` into our ``config.model``
+fields and refuses, naming the key, anything it does not map;
+``map_key`` sends each diffusers tensor name to its place in our parameter
+tree (``convert_tensor`` transposes it), so conversion streams tensor by
+tensor. The command line (``imagen-convert``) lives in ``imagen_jax.convert``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+
+class ConvertError(ValueError):
+  """A checkpoint we cannot convert faithfully (one line for the user)."""
+
+
+# diffusers config keys whose value we check but that set nothing of ours:
+# key -> accepted values.
+_FIXED = {
+    "act_fn": ("gelu",),
+    "resnet_time_scale_shift": ("scale_shift",),
+    "cross_attention_norm": ("group_norm",),
+    "mid_block_type": ("UNetMidBlock2DSimpleCrossAttn",),
+    "addition_embed_type": ("text",),
+    "flip_sin_to_cos": (True,),
+    "freq_shift": (0,),
+    "time_embedding_type": ("positional",),
+    "use_linear_projection": (False,),
+    "encoder_hid_dim_type": (None, "text_proj"),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "dual_cross_attention": (False,),
+    "num_class_embeds": (None,),
+    "projection_class_embeddings_input_dim": (None,),
+    "class_embeddings_concat": (False,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "center_input_sample": (False,),
+    "downsample_padding": (1,),
+    "transformer_layers_per_block": (1,),
+    "reverse_transformer_layers_per_block": (None,),
+    "attention_type": ("default",),
+    "addition_time_embed_dim": (None,),
+    "num_attention_heads": (None,),
+    "norm_eps": (1e-5,),
+    "class_embed_type": (None, "timestep"),
+    "time_embedding_act_fn": (None, "gelu"),
+    "mid_block_only_cross_attention": (None, True, False),
+    "upcast_attention": (False, True),   # float32 softmax here either way
+    "dropout": None,                      # any value; inference ignores it
+    "sample_size": None,
+}
+# Keys read below.
+_READ = ("block_out_channels", "layers_per_block", "down_block_types",
+         "up_block_types", "only_cross_attention", "attention_head_dim",
+         "cross_attention_dim", "encoder_hid_dim", "in_channels",
+         "out_channels", "time_embedding_dim", "resnet_skip_time_act",
+         "resnet_out_scale_factor", "mid_block_scale_factor",
+         "addition_embed_type_num_heads", "norm_num_groups")
+
+_DOWN = {"SimpleCrossAttnDownBlock2D": True, "ResnetDownsampleBlock2D": False}
+_UP = {"SimpleCrossAttnUpBlock2D": True, "ResnetUpsampleBlock2D": False}
+
+
+def _per_level(value, levels: int, key: str) -> list:
+  if isinstance(value, (list, tuple)):
+    if len(value) != levels:
+      raise ConvertError(f"unet/config.json: {key} has {len(value)} entries "
+                         f"for {levels} levels.")
+    return list(value)
+  return [value] * levels
+
+
+def unet_config_to_model(cfg: dict[str, Any]) -> dict[str, Any]:
+  """Our ``config.model`` fields (and resolution) for a diffusers IF config.
+
+  Args:
+    cfg: the parsed ``unet/config.json``.
+
+  Returns:
+    A dict of ``config.model`` field values plus ``"resolution"``.
+
+  Raises:
+    ConvertError: a key or value we do not map (the message names it).
+  """
+  for key, value in cfg.items():
+    if key.startswith("_") or key in _READ:
+      continue
+    if key not in _FIXED:
+      raise ConvertError(f"unet/config.json key {key!r} is not one we map; "
+                         "this converter reads DeepFloyd IF stage I/II U-Nets.")
+    allowed = _FIXED[key]
+    if allowed is not None and value not in allowed and not (
+        key == "transformer_layers_per_block" and isinstance(value, list)
+        and set(value) == {1}):
+      raise ConvertError(f"unet/config.json {key}={value!r} is not supported "
+                         f"(we map {', '.join(map(repr, allowed))}).")
+  missing = [k for k in ("block_out_channels", "down_block_types",
+                         "up_block_types", "encoder_hid_dim",
+                         "cross_attention_dim") if cfg.get(k) is None]
+  if missing:
+    raise ConvertError(f"unet/config.json lacks {missing[0]!r}; not an IF "
+                       "stage I/II U-Net.")
+  widths = list(cfg["block_out_channels"])
+  levels = len(widths)
+  base = widths[0]
+  if any(w % base for w in widths):
+    raise ConvertError(f"unet/config.json block_out_channels={widths} are not "
+                       "multiples of the first; our U-Net needs that.")
+  down = list(cfg["down_block_types"])
+  up = list(cfg["up_block_types"])
+  for name in down + up:
+    if name not in _DOWN and name not in _UP:
+      raise ConvertError(f"unet/config.json block type {name!r} is not one "
+                         "of IF's (SimpleCrossAttn*/Resnet*sample*Block2D).")
+  attn = [_DOWN.get(n) for n in down]
+  if None in attn or len(up) != levels or [
+      _UP.get(n) for n in reversed(up)] != attn:
+    raise ConvertError("unet/config.json up_block_types do not mirror "
+                       "down_block_types; our U-Net needs them to.")
+  only_cross = [bool(v) for v in _per_level(
+      cfg.get("only_cross_attention", False), levels, "only_cross_attention")]
+  mid_only = cfg.get("mid_block_only_cross_attention")
+  if mid_only is None:
+    mid_only = (only_cross[-1] if not isinstance(
+        cfg.get("only_cross_attention"), (list, tuple)) else False)
+  if bool(mid_only) != only_cross[-1]:
+    raise ConvertError("unet/config.json mid_block_only_cross_attention "
+                       "differs from the lowest level's only_cross_attention;"
+                       " not mapped.")
+  heads = _per_level(cfg.get("attention_head_dim", 64), levels,
+                     "attention_head_dim")
+  if len(set(heads)) != 1:
+    raise ConvertError(f"unet/config.json attention_head_dim={heads} varies "
+                       "per level; not mapped.")
+  in_ch = int(cfg.get("in_channels", 3))
+  lowres = cfg.get("class_embed_type") == "timestep"
+  if lowres:
+    if in_ch % 2:
+      raise ConvertError(f"unet/config.json in_channels={in_ch} is odd for a "
+                         "super-resolution U-Net (image + low-res).")
+    in_ch //= 2
+  groups = int(cfg.get("norm_num_groups", 32))
+  return dict(
+      family="if",
+      base_channels=base,
+      channel_mult=tuple(w // base for w in widths),
+      num_res_blocks=tuple(int(n) for n in _per_level(
+          cfg.get("layers_per_block", 2), levels, "layers_per_block")),
+      self_attn=tuple(not o for o in only_cross),
+      cross_attn=tuple(attn),
+      efficient=False,
+      mid_attn=True,
+      head_dim=int(heads[0]),
+      ff_mult=0,
+      text_dim=int(cfg["encoder_hid_dim"]),
+      cond_dim=int(cfg["cross_attention_dim"]),
+      emb_dim=int(cfg.get("time_embedding_dim") or 0),
+      in_channels=in_ch,
+      out_channels=int(cfg.get("out_channels", in_ch)),
+      lowres_cond=lowres,
+      num_groups=groups,
+      res_scale=float(cfg.get("resnet_out_scale_factor", 1.0)),
+      mid_scale=float(cfg.get("mid_block_scale_factor", 1.0)),
+      emb_act=cfg.get("time_embedding_act_fn") == "gelu",
+      skip_time_act=bool(cfg.get("resnet_skip_time_act", False)),
+      pool_heads=int(cfg.get("addition_embed_type_num_heads", 64)),
+      resolution=int(cfg.get("sample_size") or 64),
+  )
+
+
+_RES = {"norm1": "norm_0", "conv1": "conv_0", "time_emb_proj": "film",
+        "norm2": "norm_1", "conv2": "conv_1", "conv_shortcut": "skip"}
+_ATTN = {"group_norm": "norm", "norm_cross": "norm_text", "to_q": "query",
+         "to_k": "key", "to_v": "value", "add_k_proj": "text_key",
+         "add_v_proj": "text_value", "to_out.0": "out"}
+_TOP = {
+    "time_embedding.linear_1": ("time_mlp", "dense_0"),
+    "time_embedding.linear_2": ("time_mlp", "dense_1"),
+    "class_embedding.linear_1": ("aug_mlp", "dense_0"),
+    "class_embedding.linear_2": ("aug_mlp", "dense_1"),
+    "add_embedding.norm1": ("text_pool", "norm_in"),
+    "add_embedding.pool.q_proj": ("text_pool", "query"),
+    "add_embedding.pool.k_proj": ("text_pool", "key"),
+    "add_embedding.pool.v_proj": ("text_pool", "value"),
+    "add_embedding.proj": ("text_pool", "proj"),
+    "add_embedding.norm2": ("text_pool", "norm_out"),
+    "encoder_hid_proj": ("text_proj",),
+    "conv_in": ("conv_in",),
+    "conv_norm_out": ("norm_out",),
+    "conv_out": ("conv_out",),
+}
+_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers"
+                    r"|upsamplers)\.(\d+)\.(.+)$")
+_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def _leaf(module: tuple, sub: str, key: str, table: dict) -> tuple:
+  """Splits "norm1.weight" into our (…, "norm_0", "scale") path."""
+  name, _, param = sub.rpartition(".")
+  if name not in table or param not in ("weight", "bias"):
+    raise ConvertError(f"checkpoint tensor {key!r} is not one we map.")
+  return module + (table[name], param)
+
+
+def map_key(key: str, levels: int) -> tuple[tuple[str, ...], str]:
+  """Our parameter path and the tensor's kind for one diffusers tensor name.
+
+  Args:
+    key: e.g. "down_blocks.1.attentions.0.to_q.weight".
+    levels: number of U-Net levels (up block u is our level levels-1-u).
+
+  Returns:
+    (path, kind): path like ("down_1_attn_0", "query", "kernel"); kind is
+    "dense", "conv", "vector" or "position" (how ``convert_tensor`` reshapes).
+
+  Raises:
+    ConvertError: naming a tensor we do not map.
+  """
+  if key == "add_embedding.pool.positional_embedding":
+    return ("text_pool", "position"), "position"
+  m = _BLOCK.match(key)
+  mid = _MID.match(key)
+  if m:
+    side, block, kind, idx, sub = m.groups()
+    level = int(block) if side == "down" else levels - 1 - int(block)
+    if kind in ("downsamplers", "upsamplers"):
+      if idx != "0":
+        raise ConvertError(f"checkpoint tensor {key!r} is not one we map.")
+      path = _leaf((f"{side}_{level}_resample",), sub, key, _RES)
+    elif kind == "resnets":
+      path = _leaf((f"{side}_{level}_res_{idx}",), sub, key, _RES)
+    else:
+      path = _leaf((f"{side}_{level}_attn_{idx}",), sub, key, _ATTN)
+  elif mid:
+    kind, idx, sub = mid.groups()
+    if kind == "resnets":
+      path = _leaf((f"mid_res_{idx}",), sub, key, _RES)
+    elif idx == "0":
+      path = _leaf(("mid_attn",), sub, key, _ATTN)
+    else:
+      raise ConvertError(f"checkpoint tensor {key!r} is not one we map.")
+  else:
+    name, _, param = key.rpartition(".")
+    if name not in _TOP or param not in ("weight", "bias"):
+      raise ConvertError(f"checkpoint tensor {key!r} is not one we map.")
+    path = _TOP[name] + (param,)
+  # torch names -> flax names, and the reshape that goes with them.
+  module, param = path[:-1], path[-1]
+  is_conv = module[-1] in ("conv_0", "conv_1", "skip", "conv_in", "conv_out")
+  is_norm = module[-1].startswith("norm")
+  if param == "bias":
+    return module + ("bias",), "vector"
+  if is_norm:
+    return module + ("scale",), "vector"
+  return module + ("kernel",), "conv" if is_conv else "dense"
+
+
+def convert_tensor(kind: str, value: np.ndarray, dtype=np.float32
+                   ) -> np.ndarray:
+  """Reshapes one diffusers tensor into our layout (and casts it).
+
+  Args:
+    kind: from ``map_key``.
+    value: the torch-layout array.
+    dtype: output dtype (float32 keeps fp16 checkpoints exact).
+
+  Returns:
+    The array in our layout.
+  """
+  value = np.asarray(value)
+  if kind == "dense":
+    value = value.T                        # [out, in] -> [in, out]
+  elif kind == "conv":
+    value = value.transpose(2, 3, 1, 0)    # [O, I, kh, kw] -> [kh, kw, I, O]
+  return np.ascontiguousarray(value, dtype=dtype)
+
+
+def convert_state_dict(state: dict[str, np.ndarray], levels: int) -> dict:
+  """Converts a whole in-memory state dict (tests; the CLI streams instead).
+
+  Args:
+    state: diffusers tensor name -> array.
+    levels: U-Net levels.
+
+  Returns:
+    Our nested parameter dict.
+  """
+  params: dict = {}
+  for key, value in state.items():
+    path, kind = map_key(key, levels)
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    if path[-1] in node:
+      raise ConvertError(f"checkpoint tensor {key!r} maps onto a parameter "
+                         "already filled.")
+    node[path[-1]] = convert_tensor(kind, value)
+  return params
