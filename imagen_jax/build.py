@@ -9,46 +9,42 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from imagen_jax import config_defaults
 from imagen_jax.models.unet import UNet
+
+
+def unet_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The ``UNet`` keyword arguments of a ``config.model`` section.
+
+  Every field declared in ``config_defaults.MODEL`` is a ``UNet`` field of the
+  same name and passes through as is (tuple fields as tuples, so the module
+  stays hashable); nothing is copied by hand. A field missing from an older
+  workdir's config takes its declared default.
+
+  Args:
+    model: the ``model`` ConfigDict (see ``config_defaults.MODEL``).
+
+  Returns:
+    Field name -> value, one per declared model field.
+  """
+  out = {}
+  for name, spec in config_defaults.MODEL.items():
+    # A workdir written before a field was declared lacks it: its default.
+    value = model.get(name, spec.default)
+    out[name] = tuple(value) if spec.kind is tuple else value
+  return out
 
 
 def build_unet(model: ml_collections.ConfigDict) -> UNet:
   """Builds the U-Net described by a ``config.model`` section.
 
   Args:
-    model: the ``model`` ConfigDict (see ``config_defaults.model_defaults``).
+    model: the ``model`` ConfigDict (see ``config_defaults.MODEL``).
 
   Returns:
     An unbound ``UNet`` module.
   """
-  return UNet(
-      base_channels=int(model.base_channels),
-      channel_mult=tuple(int(m) for m in model.channel_mult),
-      num_res_blocks=tuple(int(n) for n in model.num_res_blocks),
-      self_attn=tuple(bool(a) for a in model.self_attn),
-      cross_attn=tuple(bool(a) for a in model.cross_attn),
-      efficient=bool(model.efficient),
-      mid_attn=bool(model.mid_attn),
-      head_dim=int(model.head_dim),
-      ff_mult=int(model.ff_mult),
-      text_dim=int(model.text_dim),
-      cond_dim=int(model.cond_dim),
-      emb_dim=int(model.emb_dim) or None,
-      in_channels=int(model.in_channels),
-      lowres_cond=bool(model.lowres_cond),
-      lowres_resize=str(model.lowres_resize),
-      num_groups=int(model.num_groups),
-      dropout=float(model.dropout),
-      dtype=str(model.dtype),
-      remat=str(model.remat),
-      out_channels=int(model.get("out_channels", 0)) or None,
-      family=str(model.get("family", "imagen")),
-      res_scale=float(model.get("res_scale", 1.0)),
-      mid_scale=float(model.get("mid_scale", 1.0)),
-      emb_act=bool(model.get("emb_act", False)),
-      skip_time_act=bool(model.get("skip_time_act", False)),
-      pool_heads=int(model.get("pool_heads", 64)),
-  )
+  return UNet(**unet_kwargs(model))
 
 
 def unet_inputs(config: ml_collections.ConfigDict, batch: int, text_len: int,

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imagen_jax import build
+from imagen_jax import config_defaults
 from imagen_jax import fileio
 from imagen_jax import parallel
 from imagen_jax.stage import Stage, StageSettings, to_float_image
@@ -41,9 +42,6 @@ class CascadeError(ValueError):
   """A cascade that cannot be built or run as asked (one-line message)."""
 
 
-_SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(StageSettings)}
-
-
 def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
                      overrides: Optional[dict] = None) -> list[StageSettings]:
   """Each stage's sampling settings: its config's ``sample`` section, then
@@ -51,20 +49,21 @@ def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
 
   Args:
     stage_configs: the stages' configs, base first.
-    overrides: field -> value; a value is one setting for every stage or a
-      comma-separated string with one per stage ("50,25"); "" or None leaves
-      the stages' own.
+    overrides: setting name -> value; a value is one setting for every stage
+      or a comma-separated string with one per stage ("50,25"); "" or None
+      leaves the stages' own. Strings are parsed as the setting's type.
 
   Returns:
-    One ``StageSettings`` per stage.
+    One ``StageSettings`` per stage, each checked against its fields' ranges.
   """
+  fields = config_defaults.StageSettings.fields()
   out = []
   for i, cfg in enumerate(stage_configs):
-    s = dataclasses.asdict(StageSettings.from_config(cfg.sample))
+    s = dataclasses.asdict(config_defaults.StageSettings.from_config(cfg.sample))
     for name, value in (overrides or {}).items():
-      if name not in _SETTING_TYPES:
+      if name not in fields:
         raise CascadeError(f"Unknown sampling setting {name!r}; choose from "
-                           f"{sorted(_SETTING_TYPES)}.")
+                           f"{', '.join(fields)}.")
       if value is None or value == "":
         continue
       parts = str(value).split(",") if isinstance(value, str) else [value]
@@ -73,17 +72,14 @@ def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
                            f"{len(stage_configs)} stages; give one, or one per "
                            "stage.")
       v = parts[0] if len(parts) == 1 else parts[i]
-      if isinstance(v, str):
-        v = v.strip()
-      if v == "":
+      if isinstance(v, str) and not v.strip():
         continue
-      kind = _SETTING_TYPES[name]
       try:
-        s[name] = (int(v) if kind in (int, "int") else
-                   float(v) if kind in (float, "float") else str(v))
-      except ValueError:
-        raise CascadeError(f"{name}={v!r} is not a valid {kind}.") from None
-    settings = StageSettings(**s)
+        s[name] = (fields[name].parse(f"sample.{name}", v) if isinstance(v, str)
+                   else v)
+      except ValueError as e:
+        raise CascadeError(str(e)) from None
+    settings = config_defaults.StageSettings.from_config(s)
     try:
       settings.check()
     except ValueError as e:

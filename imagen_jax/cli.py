@@ -7,9 +7,13 @@ import sys
 from absl import flags
 from absl import logging
 
+from imagen_jax import config_defaults
 from imagen_jax import xla_flags
 
-USAGE_EXIT_CODE = 2
+# Exit codes of every imagen-* command, defined here once.
+USAGE_EXIT_CODE = 2         # bad flags, config or input (one line on stderr)
+NONFINITE_EXIT_CODE = 3     # training: too many non-finite steps in a row
+PREEMPTED_EXIT_CODE = 75    # EX_TEMPFAIL: state saved on SIGTERM; run again
 
 
 def fail(prog: str, message: str, code: int = USAGE_EXIT_CODE) -> None:
@@ -50,8 +54,21 @@ def setup_logging_and_cache(verbosity_given: bool = False) -> None:
 
 
 def config_value(prog: str, holder):
-  """The parsed config of a config_flags holder; a file that fails to load
-  (missing, syntax error) becomes one line and exit code 2."""
+  """The parsed, validated config of a config_flags holder.
+
+  A file that fails to load (missing, syntax error) or a value the schema
+  refuses (``config_defaults.validate``) becomes one line and exit code 2,
+  before any data is read or anything compiled.
+  """
+  config = _load_config(prog, holder)
+  try:
+    config_defaults.validate(config)
+  except config_defaults.ConfigError as e:
+    fail(prog, str(e))
+  return config
+
+
+def _load_config(prog: str, holder):
   try:
     config = holder.value
     if config is None:

@@ -13,9 +13,9 @@ Writes the grid (prompts as captions) to ``--out``, one PNG per sample next
 to it (``<out stem>_000.png`` ...), and ``<out stem>.json`` with every setting
 used. Sampling settings default to each stage's training config (its
 ``sample`` section); ``--config.FIELD=V`` sets one value for every stage and
-``--config.FIELD=V1,V2`` one per stage. Fields: sampler, num_steps,
-guidance_scale, threshold, percentile, aug_level, eta, mesh_shape (data,
-fsdp,tensor), use_ema.
+``--config.FIELD=V1,V2`` one per stage. Fields: every ``StageSettings`` field
+(``imagen_jax/config_defaults.py``; listed by ``--help``), mesh_shape
+(data,fsdp,tensor) and use_ema.
 
 Exit codes: 0 done; 2 bad input (one line on stderr).
 """
@@ -32,9 +32,21 @@ from typing import Optional, Sequence
 from imagen_jax import host_malloc
 
 PROG = "imagen-sample"
-SETTING_FIELDS = ("sampler", "num_steps", "guidance_scale", "threshold",
-                  "percentile", "aug_level", "eta")
 OTHER_FIELDS = {"mesh_shape": "-1,1,1", "use_ema": "true"}
+
+
+def setting_fields() -> tuple[str, ...]:
+  """The sampling settings ``--config.FIELD`` takes: ``StageSettings``' fields."""
+  from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  return tuple(config_defaults.StageSettings.fields())
+
+
+def setting_help() -> str:
+  """One line per sampling setting: name, meaning, what it accepts."""
+  from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  return "\n".join(
+      f"  --config.{name}: {spec.doc} ({spec.accepts()}; default: the stage's "
+      f"config)" for name, spec in config_defaults.StageSettings.fields().items())
 
 
 def _fail(message: str) -> None:
@@ -49,9 +61,9 @@ def parse_overrides(args: Sequence[str]) -> dict:
     if not a.startswith("--config.") or "=" not in a:
       _fail(f"unexpected argument {a!r}; settings are --config.FIELD=VALUE.")
     key, value = a[len("--config."):].split("=", 1)
-    if key not in SETTING_FIELDS and key not in OTHER_FIELDS:
+    if key not in setting_fields() and key not in OTHER_FIELDS:
       _fail(f"unknown config field --config.{key}; choose from "
-            f"{', '.join(SETTING_FIELDS + tuple(OTHER_FIELDS))}.")
+            f"{', '.join(setting_fields() + tuple(OTHER_FIELDS))}.")
     out[key] = value
   return out
 
@@ -74,7 +86,11 @@ def read_prompts(prompts: Optional[Sequence[str]], prompts_file: Optional[str]
 
 
 def _parse_args(argv):
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(
+      prog=PROG, description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="sampling settings (one value, or one per stage: V1,V2):\n"
+      + setting_help())
   p.add_argument("--stages", required=True,
                  help="Stage dirs (workdirs or exports), base first, comma-separated.")
   p.add_argument("--t5", default=None, help="T5 spec .json or HF directory.")
@@ -137,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    mesh_shape=mesh_shape)
     settings = cascade_lib.resolve_settings(
         [s.config for s in cas.stages],
-        {k: v for k, v in overrides.items() if k in SETTING_FIELDS})
+        {k: v for k, v in overrides.items() if k in setting_fields()})
     start_image, start_stage = None, 0
     if args.start_image:
       sr = next((i for i, s in enumerate(cas.stages) if s.stage.is_sr), None)

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from imagen_jax import build
+from imagen_jax import config_defaults
 from imagen_jax import diffusion
-from imagen_jax.diffusion import samplers as samplers_lib
+from imagen_jax.config_defaults import StageSettings  # noqa: F401  (re-exported)
 from imagen_jax.models.unet import UNet
 
 
@@ -76,7 +77,7 @@ def random_aligned_crop(image: jax.Array, lowres: Optional[jax.Array],
   return hi, lo
 
 
-SR_TARGETS = ("image", "residual")
+SR_TARGETS = config_defaults.SR_TARGETS
 
 
 def check_sr_target(sr_target: str) -> None:
@@ -84,32 +85,6 @@ def check_sr_target(sr_target: str) -> None:
   if sr_target not in SR_TARGETS:
     raise ValueError(f"Unknown diffusion.sr_target {sr_target!r}; choose one "
                      f"of {', '.join(SR_TARGETS)}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSettings:
-  """How one stage samples (its config's ``sample`` section)."""
-  sampler: str = "ddim"
-  num_steps: int = 50
-  guidance_scale: float = 5.0
-  threshold: str = "dynamic"
-  percentile: float = 99.5
-  aug_level: float = 0.2
-  eta: float = 0.0
-
-  @classmethod
-  def from_config(cls, sample: ml_collections.ConfigDict) -> "StageSettings":
-    return cls(sampler=str(sample.sampler), num_steps=int(sample.num_steps),
-               guidance_scale=float(sample.guidance_scale),
-               threshold=str(sample.threshold),
-               percentile=float(sample.percentile),
-               aug_level=float(sample.aug_level), eta=float(sample.eta))
-
-  def check(self) -> None:
-    samplers_lib.check_sampler(self.sampler)
-    samplers_lib.check_num_steps(self.num_steps)
-    diffusion.check_threshold(self.threshold)
-
 
 
 @dataclasses.dataclass(frozen=True)

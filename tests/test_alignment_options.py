@@ -187,7 +187,7 @@ def test_scene_render_matches_suite_prompt():
 
 def test_unknown_threshold_is_one_line():
   from imagen_jax.stage import StageSettings  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match=r"threshold 'soft'; choose one of dynamic, static, none"):
+  with pytest.raises(ValueError, match=r"sample\.threshold='soft' is invalid; choose one of dynamic, static, none"):
     StageSettings(threshold="soft").check()
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from imagen_jax import config_defaults
 from imagen_jax import fileio
 from imagen_jax import parallel
 from imagen_jax.models import t5 as t5_lib
@@ -40,7 +41,7 @@ SPEC_IDENTITY_KEYS = ("t5", "source", "checkpoint", "seed", "random_init",
 #          token with fixed neighbours through random projections, so the
 #          frozen encoder's outputs carry word order and which words stand
 #          together ("red" next to "circle"), as a trained T5's do.
-RANDOM_INITS = ("t5", "local")
+RANDOM_INITS = config_defaults.RANDOM_INITS  # declared with the config schema
 
 
 def tokenize(vocab, texts: Sequence[str], max_length: int

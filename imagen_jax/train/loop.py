@@ -25,6 +25,7 @@ import numpy as np
 
 from imagen_jax import build
 from imagen_jax import fileio
+from imagen_jax.cli import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from imagen_jax import host_malloc
 from imagen_jax import images as images_lib
 from imagen_jax import parallel
@@ -36,10 +37,6 @@ from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
 from imagen_jax.train import state as state_lib
 from imagen_jax.train.step import make_train_step
-
-PREEMPTED_EXIT_CODE = 75    # EX_TEMPFAIL: saved on SIGTERM, restart to continue
-NONFINITE_EXIT_CODE = 3     # too many non-finite steps in a row
-USAGE_EXIT_CODE = 2         # bad config / flags
 
 # Config fields that fix the shapes of a run's params: a workdir refuses a
 # config that changes them.
