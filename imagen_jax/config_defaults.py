@@ -359,7 +359,7 @@ class StageSettings:
   sampler: str = dataclasses.field(default="ddim", metadata={"field": Field(
       "ddim", "sampling loop", choices=_samplers)})
   num_steps: int = dataclasses.field(default=50, metadata={"field": Field(
-      50, "network evaluations per image (x2 with guidance)", min=1)})
+      50, "sampling steps (network calls per image)", min=1)})
   guidance_scale: float = dataclasses.field(default=5.0, metadata={"field": Field(
       5.0, "classifier-free guidance weight (1: none)", min=0.0)})
   threshold: str = dataclasses.field(default="dynamic", metadata={"field": Field(

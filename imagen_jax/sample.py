@@ -64,6 +64,16 @@ def parse_overrides(args: Sequence[str]) -> dict:
     if key not in setting_fields() and key not in OTHER_FIELDS:
       _fail(f"unknown config field --config.{key}; choose from "
             f"{', '.join(setting_fields() + tuple(OTHER_FIELDS))}.")
+    if key in setting_fields():
+      # Checked now, before any stage is loaded; one value or one per stage.
+      from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
+      spec = config_defaults.StageSettings.fields()[key]
+      for part in value.split(","):
+        if part.strip():
+          try:
+            spec.parse(key, part)
+          except ValueError as e:
+            _fail(str(e))
     out[key] = value
   return out
 

@@ -1,27 +1,44 @@
 """The config schema: one declaration per field, checked when a config loads."""
 
 import dataclasses
+import functools
+import glob
 import json
+import os
 
 import pytest
 
 from imagen_jax import build
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config_defaults as cd
-from imagen_jax import demo_config
 from imagen_jax import sample as sample_cli
 from imagen_jax.models.unet import UNet
 from tests import helpers
 
-STAGE_CONFIGS = [("tiny", "")] + [
-    (name, variant) for name in ("base64", "sr256", "sr1024")
-    for variant in ("paper", "cpu", "tiny")]
+# Variant names the config files take (an unknown one raises ValueError).
+VARIANTS = ("", "paper", "cpu", "tiny") + cd.DEMO_VARIANTS
+
+
+@functools.lru_cache(maxsize=None)
+def _config_names():
+  """(file, variant) for every config file in configs/ and its variants."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(helpers.ROOT, "configs", "*.py"))):
+    name = os.path.splitext(os.path.basename(path))[0]
+    seen = set()
+    for variant in VARIANTS:
+      try:
+        config = helpers.load_config(name, variant)
+      except ValueError:
+        continue
+      if config.to_json_best_effort() not in seen:  # files ignoring the arg
+        seen.add(config.to_json_best_effort())
+        out.append((name, variant))
+  return tuple(out)
 
 
 def _all_configs():
-  out = [(f"{n}:{v}", helpers.load_config(n, v)) for n, v in STAGE_CONFIGS]
-  out += [(f"demo:{v}", demo_config.get_config(v)) for v in cd.DEMO_VARIANTS]
-  return out
+  return [(f"{n}:{v}", helpers.load_config(n, v)) for n, v in _config_names()]
 
 
 def _leaves(schema, prefix=()):
@@ -110,6 +127,9 @@ def test_every_config_is_valid_and_every_field_is_checked():
         _set(tree, path, old)
         checked += 1
     cd.validate(tree, schema)  # everything restored
+  assert {n for n, _ in _config_names()} >= {"tiny", "base64", "sr256",
+                                            "sr1024", "demo"}
+  assert len(_config_names()) >= 13
   assert checked > 13 * 100
 
 

@@ -77,7 +77,7 @@ def test_sample_from_export_and_start_image(workdir, tmp_path):
     (["--stages={wd}/base", "--prompts-file", "{tmp}/nope.txt"],
      "--prompts-file"),
     (["--stages={wd}/base", "--prompt", "x", "--config.sampler=euler"],
-     "sample.sampler"),
+     "config.sampler='euler' is invalid; choose one of ancestral"),
     (["--stages={wd}/base", "--prompt", "x", "--config.steps=3"],
      "unknown config field"),
     (["--stages={wd}/base"], "no prompts"),
