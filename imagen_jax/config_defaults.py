@@ -372,6 +372,11 @@ class StageSettings:
       max=1.0)})
   eta: float = dataclasses.field(default=0.0, metadata={"field": Field(
       0.0, "DDIM stochasticity (0: deterministic)", min=0.0, max=1.0)})
+  timesteps: str = dataclasses.field(default="", metadata={"field": Field(
+      "", "discrete schedules: respacing, e.g. smart27, fast27, "
+      "'10,10,3,2,2' or 'steps:999,500,0' (sets the steps)")})
+  threshold_max: float = dataclasses.field(default=0.0, metadata={"field": Field(
+      0.0, "cap of the dynamic threshold's scale (IF's c; 0: none)", min=0.0)})
 
   @classmethod
   def fields(cls) -> dict[str, Field]:
@@ -389,6 +394,12 @@ class StageSettings:
     """Raises ``ConfigError`` (one line) for a value out of type or range."""
     for name, spec in self.fields().items():
       spec.check(f"sample.{name}", getattr(self, name))
+    if self.timesteps:
+      from imagen_jax.diffusion import discrete  # pylint: disable=g-import-not-at-top
+      try:
+        discrete.respaced_steps(self.timesteps)
+      except ValueError as e:
+        raise ConfigError(f"sample.timesteps: {e}") from None
 
 
 def _typed(spec: Field, value: Any) -> Any:

@@ -28,6 +28,8 @@ from imagen_jax import build
 from imagen_jax import config_defaults
 from imagen_jax import diffusion
 from imagen_jax.config_defaults import StageSettings  # noqa: F401  (re-exported)
+from imagen_jax.diffusion import discrete
+from imagen_jax.models import if_blocks
 from imagen_jax.models.unet import UNet
 
 
@@ -145,6 +147,22 @@ class Stage:
   def is_sr(self) -> bool:
     return self.lowres_resolution > 0
 
+  @property
+  def learned_variance(self) -> bool:
+    """The network also outputs variance channels (IF: eps + 3 more)."""
+    return self.unet.out_channels == 2 * self.unet.in_channels
+
+  def lowres_for_augment(self, lowres: jax.Array, shape: tuple) -> jax.Array:
+    """The low-res input as it gets noise-augmented, float ``[B, h, w, C]``.
+
+    IF upsamples it (corners aligned) to the output size first and noises
+    that; our U-Nets noise it at its own size and upsample inside.
+    """
+    low = to_float_image(lowres)
+    if self.unet.family == "if":
+      low = if_blocks.resize_align_corners(low, shape[1], shape[2])
+    return low
+
   def logsnr_schedule(self):
     return diffusion.get_logsnr_schedule(self.schedule,
                                          shift=self.schedule_shift)
@@ -200,14 +218,17 @@ class Stage:
       level_rng, noise_rng = jax.random.split(aug_rng)
       level = jax.random.uniform(level_rng, (b,), maxval=self.aug_max)
       low, aug_logsnr = diffusion.augment_lowres(
-          to_float_image(lowres), level, noise_rng,
+          self.lowres_for_augment(lowres, image.shape), level, noise_rng,
           schedule=self.aug_logsnr_schedule())
       extra = dict(lowres=low, aug_logsnr=aug_logsnr)
 
     def model_fn(z, logsnr):
-      return self.unet.apply({"params": params}, z, logsnr, text, mask,
+      pred = self.unet.apply({"params": params}, z, logsnr, text, mask,
                              train=train, rngs={"dropout": dropout_rng},
                              **extra)
+      # Learned-variance channels get no loss here (no VLB term): they keep
+      # the values they were converted or initialised with.
+      return pred[..., :image.shape[-1]] if self.learned_variance else pred
 
     per_example, aux = diffusion.diffusion_loss(
         model_fn, image, diff_rng, schedule=self.logsnr_schedule(),
@@ -226,6 +247,8 @@ class Stage:
              resolution: Optional[int] = None, eta: float = 0.0,
              init_image: Optional[jax.Array] = None,
              start_logsnr: Optional[float] = None,
+             timesteps: str = "", threshold_max: float = 0.0,
+             noise: Optional[dict] = None,
              progress_fn=None) -> jax.Array:
     """Samples images for a batch of text embeddings (jit this).
 
@@ -243,6 +266,13 @@ class Stage:
         the null text.
       resolution: output size (default: the stage's).
       init_image, start_logsnr: start from a noised image instead of noise.
+      timesteps: a respacing of a discrete schedule ("smart27", "fast27",
+        "10,10,3,2,2", "steps:999,500,0"; ``discrete.respaced_steps``): the
+        network runs at exactly those steps and ``num_steps`` is ignored.
+      threshold_max: cap of the dynamic threshold's scale (0: none).
+      noise: fixed draws instead of ones from ``rng``, to reproduce another
+        implementation's run: "init" ``[B, R, R, C]``, "steps" ``[N, B, R,
+        R, C]`` and, for SR stages, "aug" (the low-res augmentation noise).
       progress_fn: host callback with the step index.
 
     Returns:
@@ -260,9 +290,14 @@ class Stage:
                          "images to sample from.")
       offset = self.residual_base(lowres, (b, res, res, channels))
       aug_rng, rng = jax.random.split(rng)
-      low, aug_logsnr = diffusion.augment_lowres(
-          to_float_image(lowres), aug_level, aug_rng,
-          schedule=self.aug_logsnr_schedule())
+      low = self.lowres_for_augment(lowres, (b, res, res, channels))
+      if noise is not None and "aug" in noise:
+        aug_logsnr = self.aug_logsnr_schedule()(
+            jnp.full((b,), aug_level, jnp.float32))
+        low = diffusion.q_sample(low, aug_logsnr, noise["aug"])
+      else:
+        low, aug_logsnr = diffusion.augment_lowres(
+            low, aug_level, aug_rng, schedule=self.aug_logsnr_schedule())
       extra = dict(lowres=low, aug_logsnr=aug_logsnr)
 
     def model_fn(z, logsnr, cond):
@@ -271,12 +306,13 @@ class Stage:
             for k, v in extra.items()}
       return self.unet.apply({"params": params}, z, logsnr, cond[0], cond[1], **kw)
 
+    thresholding = dict(threshold=threshold, percentile=percentile,
+                        threshold_max=threshold_max,
+                        learned_variance=self.learned_variance)
     if guidance_scale == 1.0 and negative_text is None:
       denoise = diffusion.make_denoiser(model_fn, cond=(text, mask),
                                         prediction=self.prediction,
-                                        threshold=threshold,
-                                        percentile=percentile,
-                                        x0_offset=offset)
+                                        x0_offset=offset, **thresholding)
     else:
       if negative_text is None:
         uncond = (jnp.zeros_like(text), jnp.zeros_like(mask))
@@ -285,14 +321,24 @@ class Stage:
       denoise = diffusion.make_guided_denoiser(
           model_fn, cond=(text, mask), uncond=uncond,
           guidance_scale=guidance_scale, prediction=self.prediction,
-          threshold=threshold, percentile=percentile, x0_offset=offset)
+          x0_offset=offset, **thresholding)
     init_x = None if init_image is None else to_float_image(init_image)
     if init_x is not None and offset is not None:
       init_x = init_x - offset
+    levels = None
+    if timesteps:
+      if self.schedule != "discrete_cosine":
+        raise ValueError(f"Sampling timesteps {timesteps!r} respace a "
+                         "discrete schedule; this stage's schedule is "
+                         f"{self.schedule!r}. Leave sample.timesteps empty.")
+      levels = discrete.respaced_logsnrs(timesteps)
+      num_steps = len(levels)
     out = diffusion.sample(
         denoise, shape=(b, res, res, channels), rng=rng,
         schedule=self.logsnr_schedule(), sampler=sampler, num_steps=num_steps,
         eta=eta, init_x=init_x, start_logsnr=start_logsnr,
+        logsnr_levels=levels,
+        noise=None if noise is None else (noise["init"], noise["steps"]),
         progress_fn=progress_fn)
     return out if offset is None else out + offset
 
@@ -330,6 +376,7 @@ class Stage:
           params, text, mask, rng, sampler=s.sampler, num_steps=s.num_steps,
           guidance_scale=s.guidance_scale if guided else 1.0,
           threshold=s.threshold, percentile=s.percentile,
-          aug_level=s.aug_level, eta=s.eta, progress_fn=progress_fn, **kw))
+          aug_level=s.aug_level, eta=s.eta, timesteps=s.timesteps,
+          threshold_max=s.threshold_max, progress_fn=progress_fn, **kw))
 
     return run

@@ -37,7 +37,8 @@ def static_threshold(x0: jax.Array) -> jax.Array:
   return jnp.clip(x0, -1.0, 1.0)
 
 
-def dynamic_threshold(x0: jax.Array, percentile: float = 99.5) -> jax.Array:
+def dynamic_threshold(x0: jax.Array, percentile: float = 99.5,
+                      max_scale: float = 0.0) -> jax.Array:
   """Imagen's dynamic thresholding of an x0 estimate.
 
   Per sample: s = max(percentile of |x0|, 1); clip x0 to [-s, s], divide by s.
@@ -47,6 +48,8 @@ def dynamic_threshold(x0: jax.Array, percentile: float = 99.5) -> jax.Array:
   Args:
     x0: x0 estimates ``[B, ...]``.
     percentile: in percent, within (50, 100]; the paper uses 99.5.
+    max_scale: cap on s (DeepFloyd IF's "c": 1.5 for its base stage, 1 =
+      static clipping); 0 leaves s uncapped as in the paper.
 
   Returns:
     Thresholded x0 in [-1, 1], shape of ``x0``.
@@ -55,28 +58,41 @@ def dynamic_threshold(x0: jax.Array, percentile: float = 99.5) -> jax.Array:
     check_percentile(percentile)
   flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
   s = jnp.percentile(flat, percentile, axis=1)  # [B]
-  s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+  s = jnp.maximum(s, 1.0)
+  if max_scale:
+    s = jnp.minimum(s, max_scale)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
   return (jnp.clip(x0, -s, s) / s).astype(x0.dtype)
 
 
-def apply_threshold(x0: jax.Array, threshold: str, percentile: float = 99.5
-                    ) -> jax.Array:
+def apply_threshold(x0: jax.Array, threshold: str, percentile: float = 99.5,
+                    max_scale: float = 0.0) -> jax.Array:
   """Applies the named threshold ("dynamic", "static" or "none") to x0."""
   check_threshold(threshold)
   if threshold == "dynamic":
-    return dynamic_threshold(x0, percentile)
+    return dynamic_threshold(x0, percentile, max_scale)
   if threshold == "static":
     return static_threshold(x0)
   return x0
 
 
 def _threshold_offset(x0: jax.Array, threshold: str, percentile: float,
-                      offset: Optional[jax.Array]) -> jax.Array:
+                      offset: Optional[jax.Array], max_scale: float = 0.0
+                      ) -> jax.Array:
   """Thresholds ``x0 + offset`` (the image) and returns it minus ``offset``."""
   if offset is None:
-    return apply_threshold(x0, threshold, percentile)
+    return apply_threshold(x0, threshold, percentile, max_scale)
   offset = offset.astype(x0.dtype)
-  return apply_threshold(x0 + offset, threshold, percentile) - offset
+  return apply_threshold(x0 + offset, threshold, percentile,
+                         max_scale) - offset
+
+
+def _split_variance(pred: jax.Array, learned_variance: bool):
+  """(prediction, variance channels or None) of a network output."""
+  if not learned_variance:
+    return pred, None
+  half = pred.shape[-1] // 2
+  return pred[..., :half], pred[..., half:]
 
 
 def classifier_free_guidance(
@@ -100,6 +116,8 @@ def make_guided_denoiser(
     threshold: str = "dynamic",
     percentile: float = 99.5,
     x0_offset: Optional[jax.Array] = None,
+    threshold_max: float = 0.0,
+    learned_variance: bool = False,
 ) -> DenoiseFn:
   """Builds a guided, thresholded x0-denoiser from a conditional network.
 
@@ -119,9 +137,13 @@ def make_guided_denoiser(
     x0_offset: when the diffused variable is an image minus this offset
       ``[B, ...]`` (a super-resolution residual), thresholding applies to the
       image ``x0 + x0_offset``, whose range is the data's.
+    threshold_max: cap of the dynamic threshold's scale (0: none).
+    learned_variance: the network's last half of channels are variance
+      interpolation values (IF): the denoiser then returns ``(x0_hat,
+      var_interp)``, the variance taken from the conditional half as IF does.
 
   Returns:
-    ``denoise_fn(z [B, ...], logsnr [B]) -> x0_hat [B, ...]``.
+    ``denoise_fn(z [B, ...], logsnr [B]) -> x0_hat [B, ...]`` (or the pair).
   """
   gaussian.check_prediction(prediction)
   check_threshold(threshold)
@@ -135,10 +157,11 @@ def make_guided_denoiser(
     logsnr = jnp.broadcast_to(logsnr, (batch,))
     pred = model_fn(jnp.concatenate([z, z], axis=0),
                     jnp.concatenate([logsnr, logsnr], axis=0), both)
-    pred = pred.astype(jnp.float32)
+    pred, var = _split_variance(pred.astype(jnp.float32), learned_variance)
     guided = classifier_free_guidance(pred[:batch], pred[batch:], guidance_scale)
     x0 = gaussian.x0_from_prediction(z, guided, logsnr, prediction)
-    return _threshold_offset(x0, threshold, percentile, x0_offset)
+    x0 = _threshold_offset(x0, threshold, percentile, x0_offset, threshold_max)
+    return x0 if var is None else (x0, var[:batch])
 
   return denoise_fn
 
@@ -151,6 +174,8 @@ def make_denoiser(
     threshold: str = "static",
     percentile: float = 99.5,
     x0_offset: Optional[jax.Array] = None,
+    threshold_max: float = 0.0,
+    learned_variance: bool = False,
 ) -> DenoiseFn:
   """An unguided x0-denoiser: one network call on B examples per step.
 
@@ -160,8 +185,10 @@ def make_denoiser(
 
   def denoise_fn(z: jax.Array, logsnr: jax.Array) -> jax.Array:
     logsnr = jnp.broadcast_to(logsnr, (z.shape[0],))
-    pred = model_fn(z, logsnr, cond).astype(jnp.float32)
+    pred, var = _split_variance(model_fn(z, logsnr, cond).astype(jnp.float32),
+                                learned_variance)
     x0 = gaussian.x0_from_prediction(z, pred, logsnr, prediction)
-    return _threshold_offset(x0, threshold, percentile, x0_offset)
+    x0 = _threshold_offset(x0, threshold, percentile, x0_offset, threshold_max)
+    return x0 if var is None else (x0, var)
 
   return denoise_fn

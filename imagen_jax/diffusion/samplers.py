@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion import discrete
 from imagen_jax.diffusion import gaussian
 from imagen_jax.diffusion.guidance import DenoiseFn
 from imagen_jax.diffusion.schedules import LogSNRFn, logsnr_to_t
@@ -31,6 +32,14 @@ class StepInput:
   first: jax.Array      # [] bool: the first step of the loop
   rng: jax.Array        # key for this step's fresh noise
   eta: float            # DDIM stochasticity
+  noise: Optional[jax.Array] = None       # this step's noise, when fixed
+  var_interp: Optional[jax.Array] = None  # learned-variance channels in [-1, 1]
+
+  def fresh_noise(self) -> jax.Array:
+    """Standard normal noise for this step (the fixed draw when given)."""
+    if self.noise is not None:
+      return self.noise
+    return jax.random.normal(self.rng, self.z.shape, self.z.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +86,12 @@ def _bcast(level, x):
 
 def _ancestral_step(inp: StepInput, state):
   mean, var = gaussian.posterior(inp.z, inp.x0, inp.logsnr_t, inp.logsnr_s)
-  noise = jax.random.normal(inp.rng, inp.z.shape, inp.z.dtype)
-  return mean + jnp.sqrt(var) * noise, state
+  if inp.var_interp is not None:
+    # A network with learned variance (IF) interpolates its own variance
+    # between the posterior's and beta's.
+    var = discrete.learned_variance(inp.var_interp, inp.logsnr_t,
+                                    inp.logsnr_s)
+  return mean + jnp.sqrt(var) * inp.fresh_noise(), state
 
 
 def _ddim_step(inp: StepInput, state):
@@ -86,7 +99,7 @@ def _ddim_step(inp: StepInput, state):
   alpha_s, sigma_s = gaussian.alpha_sigma(_bcast(inp.logsnr_s, inp.z))
   _, post_var = gaussian.posterior(inp.z, inp.x0, inp.logsnr_t, inp.logsnr_s)
   c2 = inp.eta**2 * post_var
-  noise = jax.random.normal(inp.rng, inp.z.shape, inp.z.dtype)
+  noise = inp.fresh_noise()
   z_s = (alpha_s * inp.x0 + jnp.sqrt(jnp.maximum(sigma_s**2 - c2, 0.0)) * eps
          + jnp.sqrt(c2) * noise)
   return z_s, state
@@ -150,6 +163,8 @@ def sample(
     init_x: Optional[jax.Array] = None,
     start_logsnr: Optional[float | jax.Array] = None,
     spacing: Optional[str] = None,
+    logsnr_levels: Optional[Any] = None,
+    noise: Optional[tuple[jax.Array, jax.Array]] = None,
     progress_fn: Optional[Callable[[jax.Array], None]] = None,
 ) -> jax.Array:
   """Draws samples by integrating the reverse process with ``num_steps`` calls.
@@ -171,7 +186,16 @@ def sample(
     start_logsnr: the log-SNR to start at; required with ``init_x``.
     spacing: "uniform" (in t) or "logsnr"; None takes the sampler's own
       (uniform for ancestral and DDIM, logsnr for DPM-Solver++).
+    logsnr_levels: explicit levels ``[num_steps]`` of the network calls,
+      noisiest first (a discrete schedule's respacing, e.g. IF's
+      ``smart27``); replaces the grid from ``schedule`` and ``spacing``.
+    noise: fixed draws ``(initial [shape], per step [num_steps, *shape])``
+      instead of ones from ``rng`` (to reproduce another implementation's
+      run); the last step's is never used.
     progress_fn: optional host callback called with the step index.
+
+  ``denoise_fn`` may return ``(x0_hat, var_interp)`` for a network with
+  learned variance: the ancestral sampler then uses it, the others ignore it.
 
   Returns:
     Samples ``shape`` (float32), the final step's x0 estimate.
@@ -189,7 +213,16 @@ def sample(
   spec = SAMPLERS[sampler]
   batch = shape[0]
   init_rng, loop_rng = jax.random.split(rng)
-  noise = jax.random.normal(init_rng, shape, jnp.float32)
+  if logsnr_levels is not None:
+    logsnr_levels = jnp.asarray(logsnr_levels, jnp.float32)
+    if logsnr_levels.shape != (num_steps,):
+      raise ValueError(f"logsnr_levels has shape {logsnr_levels.shape}; give "
+                       f"one level per step ({num_steps}).")
+  step_noise = None
+  if noise is None:
+    noise = jax.random.normal(init_rng, shape, jnp.float32)
+  else:
+    noise, step_noise = (jnp.asarray(n, jnp.float32) for n in noise)
   if init_x is None:
     start_t = jnp.ones((), jnp.float32)
     z = noise
@@ -200,18 +233,30 @@ def sample(
                           jnp.full((batch,), schedule(start_t)), noise)
 
   steps = jnp.arange(num_steps)
-  logsnr_grid = _logsnr_grid(schedule, start_t, num_steps,
-                             spacing or spec.spacing)
+  if logsnr_levels is not None:
+    logsnr_grid = jnp.concatenate([logsnr_levels, logsnr_levels[-1:]])
+  else:
+    logsnr_grid = _logsnr_grid(schedule, start_t, num_steps,
+                               spacing or spec.spacing)
   keys = jax.random.split(loop_rng, num_steps)
+  if step_noise is None:
+    step_noise = jnp.zeros((num_steps, 0), jnp.float32)  # unused placeholder
+  fixed = step_noise.shape[1:] == tuple(shape)
 
   def body(carry, xs):
     z, state = carry
-    i, logsnr_t, logsnr_s, key = xs
+    i, logsnr_t, logsnr_s, key, n = xs
     logsnr_t = jnp.full((batch,), logsnr_t)
     logsnr_s = jnp.full((batch,), logsnr_s)
-    x0 = denoise_fn(z, logsnr_t).astype(jnp.float32)
+    out = denoise_fn(z, logsnr_t)
+    var_interp = None
+    if isinstance(out, tuple):
+      out, var_interp = out
+      var_interp = var_interp.astype(jnp.float32)
+    x0 = out.astype(jnp.float32)
     inp = StepInput(z=z, x0=x0, logsnr_t=logsnr_t, logsnr_s=logsnr_s,
-                    first=i == 0, rng=key, eta=eta)
+                    first=i == 0, rng=key, eta=eta,
+                    noise=n if fixed else None, var_interp=var_interp)
     z_s, state = spec.step(inp, state)
     # The last call is at t = 0: return its x0 estimate itself.
     z_next = jnp.where(i == num_steps - 1, x0, z_s)
@@ -221,5 +266,5 @@ def sample(
 
   (z, _), _ = jax.lax.scan(
       body, (z, spec.init(z)),
-      (steps, logsnr_grid[:-1], logsnr_grid[1:], keys))
+      (steps, logsnr_grid[:-1], logsnr_grid[1:], keys, step_noise))
   return z

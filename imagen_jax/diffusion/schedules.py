@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion import discrete
+
 LogSNRFn = Callable[[jax.Array], jax.Array]
 
 # Default clip of the log-SNR range. Beyond +-20 alpha^2 (or sigma^2) is below
@@ -23,7 +25,7 @@ LogSNRFn = Callable[[jax.Array], jax.Array]
 LOGSNR_MIN = -20.0
 LOGSNR_MAX = 20.0
 
-SCHEDULE_NAMES = ("cosine", "linear", "shifted_cosine")
+SCHEDULE_NAMES = ("cosine", "linear", "shifted_cosine", "discrete_cosine")
 
 
 def _cosine(t: jax.Array, s: float) -> jax.Array:
@@ -61,7 +63,9 @@ def get_logsnr_schedule(
     name: "cosine" (Nichol & Dhariwal, offset ``s``), "linear" (DDPM's linear
       betas in continuous form, used by Imagen's 1024 stage) or
       "shifted_cosine" (cosine with log-SNR + 2 log(shift), for resolutions
-      other than the one a schedule was tuned for).
+      other than the one a schedule was tuned for) or "discrete_cosine"
+      (DeepFloyd IF's 1,000 training steps, ``discrete.logsnr_schedule``;
+      ``shift`` and the clips do not apply to it).
     shift: multiplies the SNR by ``shift**2``; values below 1 add noise, which
       suits higher resolutions (e.g. 64 / 256). Applies to every schedule;
       "shifted_cosine" only makes the intent explicit.
@@ -83,6 +87,8 @@ def get_logsnr_schedule(
   if not logsnr_min < logsnr_max:
     raise ValueError(
         f"logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max}).")
+  if name == "discrete_cosine":
+    return discrete.logsnr_schedule()
   offset = 2.0 * math.log(shift)
 
   def schedule(t: jax.Array) -> jax.Array:
