@@ -73,6 +73,7 @@ setup(
             "imagen-eval=imagen_jax.eval.main:run_main",
             "imagen-sample=imagen_jax.sample:run_main",
             "imagen-export=imagen_jax.export:run_main",
+            "imagen-convert=imagen_jax.convert:run_main",
         ],
     },
 )

@@ -1,0 +1,169 @@
+"""imagen-convert on a tiny IF directory in diffusers' layout.
+
+The directory is what diffusers and transformers write for IF (``unet/`` as
+fp16 safetensors shards with their index, ``text_encoder/`` as a Hugging Face
+T5, ``tokenizer/spiece.model``), built from random tiny models. The export
+must load through ``Cascade`` on the 8-device mesh with FSDP, reproduce the
+diffusers U-Net, sample from text, and fine-tune with ``init_from``.
+"""
+
+import json
+import os
+import shutil
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from imagen_jax import cascade as cascade_lib
+from imagen_jax import convert
+from imagen_jax import parallel
+from imagen_jax.diffusion import discrete
+from imagen_jax.text import vocab as vocab_lib
+from imagen_jax.train import loop
+from tests import helpers
+from tests.test_if import tiny_if_config
+
+T5_KW = dict(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+             num_heads=4, relative_attention_num_buckets=32,
+             relative_attention_max_distance=20,
+             feed_forward_proj="gated-gelu", dropout_rate=0.0,
+             layer_norm_epsilon=1e-6)
+
+
+def _write_if_dir(path):
+  torch.manual_seed(0)
+  cfg = dict(tiny_if_config(False), encoder_hid_dim=32)
+  unet = diffusers.UNet2DConditionModel(**cfg).eval()
+  # What the model card's fp16 variant holds: the weights rounded to fp16.
+  unet = unet.to(torch.float16)
+  unet.save_pretrained(os.path.join(path, "unet"), variant="fp16",
+                       safe_serialization=True, max_shard_size="100KB")
+  t5 = transformers.T5EncoderModel(transformers.T5Config(**T5_KW)).eval()
+  t5.save_pretrained(os.path.join(path, "text_encoder"))
+  os.makedirs(os.path.join(path, "tokenizer"))
+  shutil.copy(vocab_lib.default_vocab_path(),
+              os.path.join(path, "tokenizer", "spiece.model"))
+  return unet.to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  root = tmp_path_factory.mktemp("if")
+  src, out = str(root / "IF-I-tiny"), str(root / "export")
+  model = _write_if_dir(src)
+  assert convert.main(["--src", src, "--out", out, "--variant", "fp16"]) == 0
+  return src, out, model
+
+
+def test_fp16_shards_convert_and_match_diffusers_on_fsdp_mesh(converted):
+  src, out, model = converted
+  unet_files = os.listdir(os.path.join(src, "unet"))
+  assert "diffusion_pytorch_model.safetensors.index.fp16.json" in unet_files
+  mesh = parallel.make_mesh((1, 8, 1), jax.devices()[:8])
+  loaded = cascade_lib.load_stage(out, mesh)
+  kernel = loaded.params["down_1_attn_0"]["query"]["kernel"]
+  assert "fsdp" in str(kernel.sharding.spec)
+  assert len(kernel.sharding.device_set) == 8
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  text = rng.standard_normal((2, 5, 32)).astype(np.float32)
+  steps = np.array([500, 3])
+  ours = loaded.stage.unet.clone(dtype="float32").apply(
+      {"params": loaded.params}, jnp.asarray(x),
+      jnp.asarray(discrete.step_logsnrs()[steps]), jnp.asarray(text),
+      jnp.ones((2, 5), bool))
+  with torch.no_grad():
+    ref = model(torch.from_numpy(x).permute(0, 3, 1, 2),
+                torch.from_numpy(steps),
+                encoder_hidden_states=torch.from_numpy(text)).sample
+  np.testing.assert_allclose(np.asarray(ours),
+                             ref.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+  # The record sends sampling to IF's schedule, steps and T5.
+  stage = json.load(open(os.path.join(out, "stage.json")))
+  assert stage["diffusion"]["schedule"] == "discrete_cosine"
+  assert stage["sample"]["timesteps"] == "smart100"
+  spec = json.load(open(os.path.join(out, "text_encoder.json")))
+  assert spec["checkpoint"] == os.path.join(src, "text_encoder")
+  assert spec["max_length"] == 77
+
+
+def test_converted_stage_samples_through_cascade_sharded(converted):
+  _, out, _ = converted
+  casc = cascade_lib.Cascade.load([out], mesh_shape=(1, 8, 1))
+  settings = cascade_lib.StageSettings.from_config(casc.stages[0].config.sample)
+  settings = type(settings)(**dict(vars(settings), timesteps="steps:999,500,0"))
+  images = casc.sample(["a red circle"], settings=[settings], num_samples=2)
+  assert images[0].shape == (2, 16, 16, 3)
+  assert images[0].dtype == np.uint8
+
+
+def test_fine_tune_from_converted_export(converted, tmp_path):
+  _, out, _ = converted
+  stage = json.load(open(os.path.join(out, "stage.json")))
+  overrides = {f"model.{k}": (tuple(v) if isinstance(v, list) else v)
+               for k, v in stage["model"].items()}
+  overrides.update({
+      "model.dtype": "float32", "diffusion.schedule": "discrete_cosine",
+      "resolution": 16, "init_from": out, "total_steps": 2,
+      "checkpoint_every": 2, "log_every": 1, "optimizer.learning_rate": 0.0,
+      "sample_every": 0})
+  config = helpers.tiny_train_config(**overrides)
+  result = loop.train(config, str(tmp_path / "ft"), progress=False)
+  src = cascade_lib.load_stage(out, parallel.make_mesh((1, 1, 1),
+                                                        jax.devices()[:1]))
+  # lr 0: the fine-tuned params are the converted ones, and the loss is finite.
+  for a, b in zip(jax.tree_util.tree_leaves(result["state"].params),
+                  jax.tree_util.tree_leaves(src.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.isfinite(helpers.read_scalars(str(tmp_path / "ft"))[2])
+
+
+def _fails(capsys, *args):
+  with pytest.raises(SystemExit) as e:
+    convert.main(list(args))
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  return err
+
+
+def test_bad_inputs_are_one_line_exit_2(converted, tmp_path, capsys):
+  src, _, _ = converted
+  out = str(tmp_path / "o")
+  assert "no unet/config.json" in _fails(capsys, "--src", str(tmp_path),
+                                         "--out", out)
+  assert "--variant='bf16' is not supported" in _fails(
+      capsys, "--src", src, "--out", out, "--variant", "bf16")
+  assert "try --variant=fp16" in _fails(capsys, "--src", src, "--out", out)
+  # A missing shard.
+  broken = str(tmp_path / "broken")
+  shutil.copytree(src, broken)
+  shard = sorted(f for f in os.listdir(os.path.join(broken, "unet"))
+                 if f.endswith(".safetensors"))[0]
+  os.remove(os.path.join(broken, "unet", shard))
+  assert shard in _fails(capsys, "--src", broken, "--out", out, "--variant",
+                         "fp16")
+  # A config key we do not map.
+  cfg_path = os.path.join(broken, "unet", "config.json")
+  cfg = json.load(open(cfg_path))
+  cfg["dual_cross_attention"] = True
+  json.dump(cfg, open(cfg_path, "w"))
+  assert "dual_cross_attention=True" in _fails(capsys, "--src", broken,
+                                               "--out", out, "--variant",
+                                               "fp16")
+  cfg["dual_cross_attention"] = False
+  cfg["brand_new_option"] = 1
+  json.dump(cfg, open(cfg_path, "w"))
+  assert "'brand_new_option'" in _fails(capsys, "--src", broken, "--out", out,
+                                        "--variant", "fp16")
+  # deepfloyd_if's own layout.
+  orig = tmp_path / "orig"
+  orig.mkdir()
+  (orig / "config.yml").write_text("params: {}\n")
+  assert "deepfloyd_if's own layout" in _fails(capsys, "--src", str(orig),
+                                               "--out", out)
