@@ -310,3 +310,41 @@ def convert_state_dict(state: dict[str, np.ndarray], levels: int) -> dict:
                          "already filled.")
     node[path[-1]] = convert_tensor(kind, value)
   return params
+
+
+_IF_COMMON = dict(
+    _class_name="UNet2DConditionModel", act_fn="gelu",
+    addition_embed_type="text", addition_embed_type_num_heads=64,
+    attention_head_dim=64, cross_attention_norm="group_norm",
+    resnet_time_scale_shift="scale_shift",
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=4096,
+    norm_num_groups=32, out_channels=6)
+
+# IF-I-XL (4.3B) and IF-II-L (1.2B) in diffusers' config format. Reconstructed
+# from the published parameter counts and diffusers' scripts/convert_if.py
+# (IF's ADM settings: 64 channels per head, scale-shift norm, res-block
+# resampling; stage II: aug-step class embedding, GELU'd embedding, 1/0.7071
+# residual scaling, cross-attention only), not copied from the model cards'
+# unet/config.json; a converted checkpoint brings its own config.json.
+IF_CONFIGS = {
+    "IF-I-XL": dict(
+        _IF_COMMON, sample_size=64, in_channels=3,
+        block_out_channels=(704, 1408, 2112, 2816), layers_per_block=3,
+        cross_attention_dim=2816,
+        down_block_types=("ResnetDownsampleBlock2D",)
+        + ("SimpleCrossAttnDownBlock2D",) * 3,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 3
+        + ("ResnetUpsampleBlock2D",)),
+    "IF-II-L": dict(
+        _IF_COMMON, sample_size=64, in_channels=6,
+        block_out_channels=(128, 256, 512, 1024, 1280),
+        layers_per_block=(2, 3, 4, 5, 5), cross_attention_dim=1280,
+        time_embedding_dim=1280, class_embed_type="timestep",
+        time_embedding_act_fn="gelu", resnet_skip_time_act=True,
+        resnet_out_scale_factor=1 / 0.7071, mid_block_scale_factor=1 / 0.7071,
+        only_cross_attention=True,
+        down_block_types=("ResnetDownsampleBlock2D",) * 3
+        + ("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 2
+        + ("ResnetUpsampleBlock2D",) * 3),
+}

@@ -232,3 +232,43 @@ def test_ancestral_sampling_matches_if_pipeline(sr):
       noise=noise)
   # Measured 2.5e-5 (float32 CPU, 6 steps, guidance 7, images in [-1, 1]).
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name,published", [("IF-I-XL", 4.3e9),
+                                            ("IF-II-L", 1.2e9)])
+def test_published_sizes_and_every_tensor_maps(name, published):
+  """eval_shape only: no memory. diffusers builds the same config on the
+  meta device; every tensor of its state dict lands on one of our params
+  with the right shape, and every param of ours is hit once."""
+  cfg = convert_if.IF_CONFIGS[name]
+  fields = convert_if.unet_config_to_model(cfg)
+  res = fields.pop("resolution")
+  net = UNet(**fields, dtype="bfloat16")
+  b, ch = 1, fields["in_channels"]
+  kw = {}
+  if fields["lowres_cond"]:
+    kw = dict(lowres=jnp.zeros((b, res, res, ch)), aug_logsnr=jnp.zeros((b,)))
+  shapes = nn.unbox(jax.eval_shape(lambda: net.init(
+      jax.random.PRNGKey(0), jnp.zeros((b, res, res, ch)), jnp.zeros((b,)),
+      jnp.zeros((b, 4, 4096)), jnp.ones((b, 4), bool), **kw))["params"])
+  ours = {tuple(k.key for k in path): leaf.shape for path, leaf in
+          jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  count = sum(int(np.prod(s)) for s in ours.values())
+  assert abs(count / published - 1) < 0.02, count
+
+  with torch.device("meta"):
+    ref = diffusers.UNet2DConditionModel(
+        **{k: v for k, v in cfg.items() if not k.startswith("_")})
+  hit = set()
+  for key, tensor in ref.state_dict().items():
+    path, kind = convert_if.map_key(key, len(fields["channel_mult"]))
+    shape = tuple(tensor.shape)
+    if kind == "dense":
+      shape = shape[::-1]
+    elif kind == "conv":
+      shape = (shape[2], shape[3], shape[1], shape[0])
+    assert ours[path] == shape, key
+    assert path not in hit, key
+    hit.add(path)
+  assert hit == set(ours)
+  assert sum(p.numel() for p in ref.parameters()) == count
