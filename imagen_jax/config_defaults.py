@@ -201,6 +201,11 @@ def _remat_policies() -> tuple:
   return tuple(unet.REMAT_POLICIES)
 
 
+def _kernel_choices() -> tuple:
+  from imagen_jax import kernels  # pylint: disable=g-import-not-at-top
+  return kernels.CHOICES
+
+
 def _t5_sizes() -> tuple:
   from imagen_jax.models import t5  # pylint: disable=g-import-not-at-top
   return tuple(t5.T5_SIZES)
@@ -254,6 +259,9 @@ MODEL = dict(
     emb_act=Field(False, "IF-II: GELU on the summed embedding"),
     skip_time_act=Field(False, "IF-II: no GELU before res blocks' projection"),
     pool_heads=Field(64, "IF: text attention-pooling heads", min=1),
+    kernels=Field("auto", "backend kernels (imagen_jax.kernels): auto is "
+                  "xla_cpu on CPU, reference elsewhere",
+                  choices=_kernel_choices),
 )
 
 # The frozen text encoder: which T5, whose weights, which vocabulary.

@@ -33,8 +33,9 @@ def _outputs(loaded, inputs, kernels=None):
       loaded.params, inputs))
 
 
+@pytest.mark.parametrize("kernels", ["reference", "xla_cpu"])
 @pytest.mark.parametrize("name", ["base", "sr"])
-def test_checkpoint_and_export_give_the_stored_outputs(name):
+def test_checkpoint_and_export_give_the_stored_outputs(name, kernels):
   mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
   inputs, out_params, out_ema = _io(name)
   assert np.abs(out_ema).mean() > 0.05   # live params, not a zero output
@@ -43,9 +44,9 @@ def test_checkpoint_and_export_give_the_stored_outputs(name):
   ema = cascade.load_stage(workdir, mesh, use_ema=True)
   export = cascade.load_stage(os.path.join(DATA, f"{name}_export"), mesh)
   assert raw.step == 7
-  np.testing.assert_allclose(_outputs(raw, inputs), out_params,
-                             rtol=1e-4, atol=2e-5)
-  np.testing.assert_allclose(_outputs(ema, inputs), out_ema,
-                             rtol=1e-4, atol=2e-5)
-  np.testing.assert_allclose(_outputs(export, inputs), out_ema,
-                             rtol=1e-4, atol=2e-5)
+  np.testing.assert_allclose(_outputs(raw, inputs, kernels), out_params,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_outputs(ema, inputs, kernels), out_ema,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_outputs(export, inputs, kernels), out_ema,
+                             rtol=1e-5, atol=1e-5)

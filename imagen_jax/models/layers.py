@@ -1,32 +1,34 @@
-"""Building blocks of the text-conditioned U-Net.
+"""Building blocks of the text-conditioned U-Net, in plain Flax.
 
 Every parameter is created with logical axis names so the training code can
 shard it with data / fsdp / tensor rules (see ``imagen_jax.parallel``):
 
   conv kernels   (None, None, "conv_in", "conv_out")
   dense kernels  ("embed", "mlp") or ("mlp", "embed")
-  attention      ("embed", "heads"): q/k/v projections, ("heads", "embed"): out
-  norms, biases  ("norm",)
+  attention      ("embed", "heads", "kv"): q/k/v projections,
+                 ("heads", "kv", "embed"): out
+  norms, biases  ("norm",) or the kernel's output axes
 
 Large activations carry ``nn.with_logical_constraint`` with
 ("batch", "height", "width", "act_channels") or ("batch", "length", ...),
 which are no-ops outside a mesh / rules context.
+
+Bias adds, FiLM, GroupNorm (+ FiLM + SiLU) and attention go through the
+kernel interface (``imagen_jax.kernels``), selected by each module's
+``kernels`` field (``config.model.kernels``); the reference implementation
+is the textbook formula, and a backend's faster version lives there.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.models.attention_core import attend
-from imagen_jax.models.channel_sum import add_bias
-from imagen_jax.models.channel_sum import bias_gelu
-from imagen_jax.models.channel_sum import modulate
-from imagen_jax.models.group_norm import group_norm_act
+from imagen_jax import kernels as kernels_lib
 
 Dtype = Any
 
@@ -53,82 +55,90 @@ def constrain_seq(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, SEQ_AXES)
 
 
-class Dense(nn.Module):
-  """``x @ kernel + bias`` (optionally GELU'd) with ``nn.Dense``'s parameters.
+def _add_bias(module: nn.Module, y: jax.Array, shape: tuple[int, ...],
+              axes: Sequence[str], activation: Optional[str] = None
+              ) -> jax.Array:
+  """Creates ``module``'s ``bias`` (``shape``: y's trailing dims) and adds it."""
+  bias = module.param("bias", partitioned(ZEROS, tuple(axes)), shape,
+                      jnp.float32)
+  lead = y.shape[:y.ndim - len(shape)]
+  y = kernels_lib.get(module.kernels).bias_add(
+      y.reshape(lead + (-1,)), bias.reshape(-1), activation)
+  return y.reshape(lead + shape)
 
-  Same ``kernel [Cin, Cout]`` / ``bias [Cout]`` names, shapes and
-  initialisers as ``nn.Dense``, so checkpoints are unchanged; the bias goes
-  through ``add_bias`` (or ``bias_gelu`` with ``activation="gelu"``) for the
-  fast channel-sum gradient on XLA:CPU.
+
+class Dense(nn.Module):
+  """``nn.DenseGeneral`` with its bias add (and activation) as a kernel.
+
+  The matmul is flax's own layer sharing this module's scope, so the
+  parameters are ``nn.Dense`` / ``nn.DenseGeneral``'s: ``kernel [*in,
+  *features]`` and ``bias [*features]``, same names, shapes and
+  initialisers. The bias add is ``kernels.bias_add``, a backend's choice
+  (on XLA:CPU its gradient is the fast channel sum).
   """
-  features: int
+  features: Union[int, tuple[int, ...]]
   dtype: Dtype = jnp.float32
   names: tuple = ("embed", "mlp")
+  axis: Union[int, tuple[int, ...]] = -1
   kernel_init: Any = DEFAULT_INIT
-  use_bias: bool = True
   activation: Optional[str] = None
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    # x: [..., Cin] -> [..., Cout]
-    if self.activation not in (None, "gelu"):
-      raise ValueError(f"Dense: activation={self.activation!r}; use None or "
-                       "'gelu'.")
-    kernel = self.param("kernel", partitioned(self.kernel_init, self.names),
-                        (x.shape[-1], self.features), jnp.float32)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            (((x.ndim - 1,), (0,)), ((), ())))
-    if not self.use_bias:
-      return nn.gelu(y) if self.activation == "gelu" else y
-    bias = self.param("bias", partitioned(ZEROS, (self.names[-1],)),
-                      (self.features,), jnp.float32)
-    if self.activation == "gelu":
-      return bias_gelu(y, bias)
-    return add_bias(y, bias)
+    # x: [..., *in] -> [..., *features]
+    features = ((self.features,) if isinstance(self.features, int)
+                else tuple(self.features))
+    linear = nn.DenseGeneral(
+        features, axis=self.axis, use_bias=False, dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(self.kernel_init, self.names))
+    nn.share_scope(self, linear)
+    y = linear(x)
+    return _add_bias(self, y, features, self.names[-len(features):],
+                     self.activation)
 
 
-def dense(features: int, dtype: Dtype, *, names=("embed", "mlp"),
-          kernel_init=DEFAULT_INIT, use_bias: bool = True,
-          activation: Optional[str] = None, name=None) -> Dense:
+def dense(features, dtype: Dtype, *, names=("embed", "mlp"), axis=-1,
+          kernel_init=DEFAULT_INIT, activation: Optional[str] = None,
+          kernels: str = "auto", name=None) -> Dense:
   """A Dense layer with float32 params, ``dtype`` compute and named axes."""
-  return Dense(features, dtype, tuple(names), kernel_init, use_bias,
-               activation, name=name)
+  return Dense(features, dtype, tuple(names), axis, kernel_init, activation,
+               kernels, name=name)
 
 
 class Conv(nn.Module):
-  """SAME-padded 2D convolution with ``nn.Conv``'s parameters and math.
+  """SAME-padded ``nn.Conv`` with its bias add as a kernel.
 
-  Own module (same ``kernel [k, k, Cin, Cout]`` and ``bias [Cout]`` names,
-  shapes and initialisers as ``nn.Conv``, so checkpoints are unchanged) only
-  so that the bias goes through ``bias.add_bias``, whose gradient is the fast
-  channel sum on XLA:CPU.
+  Parameters are ``nn.Conv``'s (``kernel [k, k, Cin, Cout]``, ``bias
+  [Cout]``), for the reason in ``Dense``.
   """
   features: int
-  kernel: int = 3
+  kernel_size: int = 3
   strides: int = 1
   dtype: Dtype = jnp.float32
   kernel_init: Any = DEFAULT_INIT
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     # x: [B, H, W, Cin] -> [B, H / strides, W / strides, Cout]
-    k = self.kernel
-    kernel = self.param("kernel", partitioned(
-        self.kernel_init, (None, None, "conv_in", "conv_out")),
-                        (k, k, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", partitioned(ZEROS, ("conv_out",)),
-                      (self.features,), jnp.float32)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        (self.strides, self.strides), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return add_bias(y, bias)
+    k = self.kernel_size
+    conv_layer = nn.Conv(
+        self.features, (k, k), strides=(self.strides, self.strides),
+        padding="SAME", use_bias=False, dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(self.kernel_init,
+                                (None, None, "conv_in", "conv_out")))
+    nn.share_scope(self, conv_layer)
+    return _add_bias(self, conv_layer(x), (self.features,), ("conv_out",))
 
 
 def conv(features: int, dtype: Dtype, *, kernel: int = 3, strides: int = 1,
-         kernel_init=DEFAULT_INIT, name=None) -> Conv:
+         kernel_init=DEFAULT_INIT, kernels: str = "auto", name=None) -> Conv:
   """A SAME-padded 2D convolution with named axes."""
-  return Conv(features, kernel, strides, dtype, kernel_init, name=name)
+  return Conv(features, kernel, strides, dtype, kernel_init, kernels,
+              name=name)
 
 
 class GroupNorm(nn.Module):
@@ -136,13 +146,13 @@ class GroupNorm(nn.Module):
 
   Optionally fused with FiLM conditioning and a SiLU: ``__call__(x, film,
   activation)`` returns ``act(norm(x) * gamma * (1 + s) + beta * (1 + s) + t)``
-  for FiLM ``(s, t)``, computed by ``group_norm.group_norm_act`` whose
-  hand-written backward pass replaces the several full-size reductions of
-  autodiff with two (about 2x faster training steps on XLA:CPU).
+  for FiLM ``(s, t)``: the FiLM folds into the norm's affine, so the whole
+  chain is one ``kernels.group_norm_act``.
   """
   num_groups: int = 32
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array,
@@ -156,14 +166,16 @@ class GroupNorm(nn.Module):
       film_scale, film_shift = (f.astype(jnp.float32) for f in film)
       bias = bias * (1.0 + film_scale) + film_shift   # [B, C]
       scale = scale * (1.0 + film_scale)              # [B, C]
-    return group_norm_act(x, scale, bias, num_groups=self.num_groups,
-                          epsilon=self.epsilon, activation=activation,
-                          dtype=self.dtype)
+    return kernels_lib.get(self.kernels).group_norm_act(
+        x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
+        activation=activation, dtype=self.dtype)
 
 
-def group_norm(num_groups: int, dtype: Dtype, name=None) -> GroupNorm:
+def group_norm(num_groups: int, dtype: Dtype, kernels: str = "auto",
+               name=None) -> GroupNorm:
   """GroupNorm whose statistics are reduced in float32 whatever the dtype."""
-  return GroupNorm(num_groups=num_groups, dtype=dtype, name=name)
+  return GroupNorm(num_groups=num_groups, dtype=dtype, kernels=kernels,
+                   name=name)
 
 
 def layer_norm(dtype: Dtype, name=None) -> nn.LayerNorm:
@@ -200,28 +212,30 @@ class NoiseLevelMLP(nn.Module):
   """Sinusoidal embedding of a noise level followed by a 2-layer MLP."""
   features: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, logsnr: jax.Array) -> jax.Array:
     emb = noise_level_embedding(logsnr, max(self.features // 4, 32) * 2)
-    emb = dense(self.features, self.dtype, name="dense_0")(emb)
-    emb = nn.silu(emb)
+    emb = dense(self.features, self.dtype, activation="silu",
+                kernels=self.kernels, name="dense_0")(emb)
     return dense(self.features, self.dtype, names=("mlp", "embed"),
-                 name="dense_1")(emb)
+                 kernels=self.kernels, name="dense_1")(emb)
 
 
-def film_params(channels: int, emb: jax.Array, dtype: Dtype, name: str
-                ) -> tuple[jax.Array, jax.Array]:
+def film_params(channels: int, emb: jax.Array, dtype: Dtype, name: str,
+                kernels: str = "auto") -> tuple[jax.Array, jax.Array]:
   """FiLM scale and shift ``[B, C]`` each, projected from ``emb`` ``[B, E]``."""
-  params = dense(2 * channels, dtype, name=name)(nn.silu(emb))
+  params = dense(2 * channels, dtype, kernels=kernels, name=name)(nn.silu(emb))
   scale, shift = jnp.split(params, 2, axis=-1)
   return scale, shift
 
 
-def film(x: jax.Array, emb: jax.Array, dtype: Dtype, name: str) -> jax.Array:
+def film(x: jax.Array, emb: jax.Array, dtype: Dtype, name: str,
+         kernels: str = "auto") -> jax.Array:
   """Scale-shift (FiLM) modulation of ``[B, H, W, C]`` features by ``[B, E]``."""
-  scale, shift = film_params(x.shape[-1], emb, dtype, name)
-  return modulate(x, scale, shift)
+  scale, shift = film_params(x.shape[-1], emb, dtype, name, kernels)
+  return kernels_lib.get(kernels).modulate(x, scale, shift)
 
 
 class ResBlock(nn.Module):
@@ -237,24 +251,27 @@ class ResBlock(nn.Module):
   use_film: bool = True
   deterministic: bool = True
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     # x: [B, H, W, Cin]; emb: [B, E]
-    h = group_norm(self.num_groups, self.dtype, name="norm_0")(
+    kn = self.kernels
+    h = group_norm(self.num_groups, self.dtype, kn, name="norm_0")(
         x, activation="silu")
-    h = conv(self.features, self.dtype, name="conv_0")(h)
+    h = conv(self.features, self.dtype, kernels=kn, name="conv_0")(h)
     h = constrain_image(h)
     # FiLM folds into the norm's affine: one fused norm-scale-shift-SiLU.
-    mod = (film_params(self.features, emb, self.dtype, "film")
+    mod = (film_params(self.features, emb, self.dtype, "film", kn)
            if self.use_film else None)
-    h = group_norm(self.num_groups, self.dtype, name="norm_1")(
+    h = group_norm(self.num_groups, self.dtype, kn, name="norm_1")(
         h, film=mod, activation="silu")
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     # Zero-init of the last conv makes each block start as the identity.
-    h = conv(self.features, self.dtype, kernel_init=ZEROS, name="conv_1")(h)
+    h = conv(self.features, self.dtype, kernel_init=ZEROS, kernels=kn,
+             name="conv_1")(h)
     if x.shape[-1] != self.features:
-      x = conv(self.features, self.dtype, kernel=1, name="skip")(x)
+      x = conv(self.features, self.dtype, kernel=1, kernels=kn, name="skip")(x)
     return constrain_image(x + h)
 
 
@@ -262,11 +279,12 @@ class Downsample(nn.Module):
   """Strided 3x3 convolution: halves H and W, sets the width."""
   features: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return constrain_image(conv(self.features, self.dtype, strides=2,
-                                name="conv")(x))
+                                kernels=self.kernels, name="conv")(x))
 
 
 def _nearest_phase_taps(kernel: jax.Array, phase: int, axis: int) -> jax.Array:
@@ -289,14 +307,14 @@ class _NearestUpsampleConv(nn.Module):
   ``bias``) as ``nn.Conv`` applied to the upsampled image, computed as four
   2x2 convolutions of the low-res input, one per output phase (row parity x
   column parity), interleaved at the end. That is 16 instead of 36 multiply-
-  adds per low-res pixel and channel pair, and the 4x larger upsampled
-  activation is never materialised, in the forward pass or the backward
-  (which otherwise sums the upsampled gradient back over 2x2 blocks): the
-  upsampling layers' forward+backward runs mostly 1.2-2.4x faster on CPU
-  (benchmarks/upsample_speed.py; RESULTS.md).
+  adds per low-res pixel and channel pair, on any backend, and the 4x larger
+  upsampled activation is never materialised, in the forward pass or the
+  backward (which otherwise sums the upsampled gradient back over 2x2
+  blocks); see benchmarks/upsample_speed.py.
   """
   features: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -304,8 +322,6 @@ class _NearestUpsampleConv(nn.Module):
     kernel = self.param("kernel", partitioned(
         DEFAULT_INIT, (None, None, "conv_in", "conv_out")),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", partitioned(ZEROS, ("conv_out",)),
-                      (self.features,), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     rows = []
     for a in (0, 1):
@@ -318,7 +334,8 @@ class _NearestUpsampleConv(nn.Module):
             x, k_ac, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")))
       rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2, Cout]
     out = jnp.stack(rows, axis=2)  # [B, H, 2, W, 2, Cout]
-    return add_bias(out.reshape(b, 2 * h, 2 * w, self.features), bias)
+    out = out.reshape(b, 2 * h, 2 * w, self.features)
+    return _add_bias(self, out, (self.features,), ("conv_out",))
 
 
 class Upsample(nn.Module):
@@ -329,11 +346,12 @@ class Upsample(nn.Module):
   """
   features: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return constrain_image(_NearestUpsampleConv(self.features, self.dtype,
-                                                name="conv")(x))
+    return constrain_image(_NearestUpsampleConv(
+        self.features, self.dtype, self.kernels, name="conv")(x))
 
 
 class UpsampleReference(nn.Module):
@@ -344,51 +362,14 @@ class UpsampleReference(nn.Module):
   """
   features: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-    return conv(self.features, self.dtype, name="conv")(
+    return conv(self.features, self.dtype, kernels=self.kernels, name="conv")(
         x.reshape(b, 2 * h, 2 * w, c))  # [B, 2H, 2W, Cout]
-
-
-class _ProjectionParams(nn.Module):
-  """Creates ``kernel`` and ``bias`` as ``nn.DenseGeneral`` does.
-
-  Same names and shapes, and the same initial values: like DenseGeneral the
-  kernel is drawn as a ``[prod(inputs), prod(features)]`` matrix (which sets
-  the fan-in of the initialiser) and reshaped.
-  """
-  kernel_shape: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
-  bias_shape: tuple[int, ...]
-  bias_axes: tuple[str, ...]
-  input_dims: int = 1
-  kernel_init: Any = DEFAULT_INIT
-
-  @nn.compact
-  def __call__(self) -> tuple[jax.Array, jax.Array]:
-    def flat_init(key, shape, dtype=jnp.float32):
-      flat = (math.prod(shape[:self.input_dims]),
-              math.prod(shape[self.input_dims:]))
-      return self.kernel_init(key, flat, dtype).reshape(shape)
-
-    kernel = self.param("kernel", partitioned(flat_init, self.kernel_axes),
-                        self.kernel_shape, jnp.float32)
-    bias = self.param("bias", partitioned(ZEROS, self.bias_axes),
-                      self.bias_shape, jnp.float32)
-    return kernel, bias
-
-
-def _project(x: jax.Array, kernel: jax.Array, bias: jax.Array,
-             dtype: Dtype) -> jax.Array:
-  """``[B, T, C] x [C, N, H] + [N, H] -> [B, T, N, H]`` in ``dtype``."""
-  b, t, _ = x.shape
-  _, n, h = kernel.shape
-  y = jnp.einsum("btc,cnh->btnh", x.astype(dtype), kernel.astype(dtype))
-  return add_bias(y.reshape(b, t, n * h), bias.reshape(n * h)).reshape(
-      b, t, n, h)
 
 
 class Attention(nn.Module):
@@ -398,13 +379,13 @@ class Attention(nn.Module):
   widths: keys and values projected from a D-wide context have rank <= D, so
   a wider inner space would add parameters and FLOPs but no capacity.
 
-  Parameters and initial values are ``nn.DenseGeneral``'s (``query``,
-  ``key``, ``value``, ``out``); the projection biases go through
-  ``add_bias`` for the fast channel-sum gradient. (One fused q/k/v matmul
-  was measured too: no faster on XLA:CPU, slower at 8x8.)
+  Parameters are ``nn.DenseGeneral``'s (``query``, ``key``, ``value``:
+  ``[D, N, H]`` kernels; ``out``: ``[N, H, C]``); the softmax is float32
+  whatever the compute dtype (``kernels.attention``).
   """
   head_dim: int = 64
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: Optional[jax.Array] = None,
@@ -416,21 +397,17 @@ class Attention(nn.Module):
     heads = max(inner // self.head_dim, 1)
     head_dim = inner // heads
 
-    def params(name, in_features):
-      return _ProjectionParams((in_features, heads, head_dim),
-                               ("embed", "heads", "kv"), (heads, head_dim),
-                               ("heads", "kv"), name=name)()
+    def project(name, inp):
+      return dense((heads, head_dim), self.dtype, names=("embed", "heads", "kv"),
+                   kernels=self.kernels, name=name)(inp)  # [B, T|S, N, H]
 
-    q = _project(x, *params("query", width), self.dtype)  # [B, T, N, H]
-    k = _project(context, *params("key", context.shape[-1]), self.dtype)
-    v = _project(context, *params("value", context.shape[-1]), self.dtype)
-    out = attend(q, k, v, mask)                         # [B, T, N, H]
-    wo, bo = _ProjectionParams((heads, head_dim, width),
-                               ("heads", "kv", "embed"), (width,),
-                               ("embed",), input_dims=2, kernel_init=ZEROS,
-                               name="out")()
-    y = jnp.einsum("btnh,nhc->btc", out, wo.astype(self.dtype))
-    return add_bias(y, bo)
+    q = project("query", x)
+    k = project("key", context)
+    v = project("value", context)
+    out = kernels_lib.get(self.kernels).attention(q, k, v, mask)  # [B, T, N, H]
+    return dense(width, self.dtype, names=("heads", "kv", "embed"),
+                 axis=(-2, -1), kernel_init=ZEROS, kernels=self.kernels,
+                 name="out")(out)                                 # [B, T, C]
 
 
 class AttentionBlock(nn.Module):
@@ -446,28 +423,30 @@ class AttentionBlock(nn.Module):
   ff_mult: int = 0
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array,
                context_mask: jax.Array) -> jax.Array:
     # x: [B, H, W, C]; context: [B, S, D]; context_mask: [B, S]
     b, h, w, c = x.shape
+    kn = self.kernels
     if self.self_attn:
-      y = group_norm(self.num_groups, self.dtype, name="norm_self")(x)
-      y = Attention(self.head_dim, self.dtype, name="self")(
+      y = group_norm(self.num_groups, self.dtype, kn, name="norm_self")(x)
+      y = Attention(self.head_dim, self.dtype, kn, name="self")(
           y.reshape(b, h * w, c))
       x = constrain_image(x + y.reshape(b, h, w, c))
     if self.cross_attn:
-      y = group_norm(self.num_groups, self.dtype, name="norm_cross")(x)
-      y = Attention(self.head_dim, self.dtype, name="cross")(
+      y = group_norm(self.num_groups, self.dtype, kn, name="norm_cross")(x)
+      y = Attention(self.head_dim, self.dtype, kn, name="cross")(
           y.reshape(b, h * w, c), context, context_mask)
       x = constrain_image(x + y.reshape(b, h, w, c))
     if self.ff_mult:
-      y = group_norm(self.num_groups, self.dtype, name="norm_ff")(x)
-      y = dense(c * self.ff_mult, self.dtype, activation="gelu",
+      y = group_norm(self.num_groups, self.dtype, kn, name="norm_ff")(x)
+      y = dense(c * self.ff_mult, self.dtype, activation="gelu", kernels=kn,
                 name="ff_in")(y)
       y = dense(c, self.dtype, names=("mlp", "embed"), kernel_init=ZEROS,
-                name="ff_out")(y)
+                kernels=kn, name="ff_out")(y)
       x = constrain_image(x + y)
     return x
 
@@ -477,6 +456,7 @@ class AttentionPool(nn.Module):
   features: int
   head_dim: int = 64
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -487,9 +467,10 @@ class AttentionPool(nn.Module):
     query = jnp.broadcast_to(query[None].astype(self.dtype), (b, 1, d))
     # The query attends over the tokens and its own mean-free seed: the mean
     # of the masked tokens is added so the pool sees content even at init.
-    pooled = Attention(self.head_dim, self.dtype, name="attn")(query, tokens,
-                                                               mask)[:, 0]
+    pooled = Attention(self.head_dim, self.dtype, self.kernels, name="attn")(
+        query, tokens, mask)[:, 0]
     denom = jnp.maximum(mask.sum(-1, keepdims=True), 1).astype(jnp.float32)
     mean = jnp.sum(tokens.astype(jnp.float32) * mask[..., None], axis=1) / denom
     pooled = layer_norm(self.dtype, name="norm")(pooled + mean.astype(pooled.dtype))
-    return dense(self.features, self.dtype, name="proj")(pooled)
+    return dense(self.features, self.dtype, kernels=self.kernels,
+                 name="proj")(pooled)

@@ -96,6 +96,8 @@ class UNet(nn.Module):
     skip_time_act: IF: res blocks project the embedding without a GELU
       first (IF-II, whose embedding is activated once by ``emb_act``).
     pool_heads: IF: heads of the text attention pooling.
+    kernels: kernel implementation (``imagen_jax.kernels.CHOICES``): "auto"
+      (the backend's default), "reference", "xla_cpu", "cudnn".
   """
   base_channels: int = 128
   channel_mult: Sequence[int] = (1, 2, 4, 8)
@@ -123,6 +125,7 @@ class UNet(nn.Module):
   emb_act: bool = False
   skip_time_act: bool = False
   pool_heads: int = 64
+  kernels: str = "auto"
 
   def _check_inputs(self, x, logsnr, text, text_mask, lowres, aug_logsnr):
     levels = len(self.channel_mult)
@@ -203,7 +206,8 @@ class UNet(nn.Module):
 
     # --- conditioning --------------------------------------------------------
     ctx = layers.layer_norm(dtype, name="text_norm")(text.astype(dtype))
-    ctx = layers.dense(self.cond_dim, dtype, name="text_proj")(ctx)
+    kn = self.kernels
+    ctx = layers.dense(self.cond_dim, dtype, kernels=kn, name="text_proj")(ctx)
     null = self.param("null_token", layers.partitioned(
         nn.initializers.normal(0.02), (None, "embed")), (1, self.cond_dim))
     ctx = jnp.concatenate(
@@ -216,10 +220,11 @@ class UNet(nn.Module):
     # position-independent op could mix them in (attention already masks).
     ctx = jnp.where(ctx_mask[..., None], ctx, 0).astype(dtype)
 
-    emb = layers.NoiseLevelMLP(emb_dim, dtype, name="time_mlp")(logsnr)
+    emb = layers.NoiseLevelMLP(emb_dim, dtype, kn, name="time_mlp")(logsnr)
     if self.lowres_cond:
-      emb = emb + layers.NoiseLevelMLP(emb_dim, dtype, name="aug_mlp")(aug_logsnr)
-    emb = emb + layers.AttentionPool(emb_dim, self.head_dim, dtype,
+      emb = emb + layers.NoiseLevelMLP(emb_dim, dtype, kn,
+                                       name="aug_mlp")(aug_logsnr)
+    emb = emb + layers.AttentionPool(emb_dim, self.head_dim, dtype, kn,
                                      name="text_pool")(ctx, ctx_mask)
     emb = emb.astype(dtype)
 
@@ -229,30 +234,30 @@ class UNet(nn.Module):
       up = jax.image.resize(lowres.astype(jnp.float32),
                             (b, height, width, channels), self.lowres_resize)
       h = jnp.concatenate([h, up.astype(dtype)], axis=-1)
-    h = layers.conv(widths[0], dtype, name="conv_in")(h)
+    h = layers.conv(widths[0], dtype, kernels=kn, name="conv_in")(h)
     h = layers.constrain_image(h)
 
     def res_block(name, feats, inp):
       return res_cls(feats, self.num_groups, self.dropout,
                      use_film=not self.efficient, deterministic=not train,
-                     dtype=dtype, name=name)(inp, emb)
+                     dtype=dtype, kernels=kn, name=name)(inp, emb)
 
     def attn_block(name, level, inp, self_on=None):
       use_self = self_attn[level] if self_on is None else self_on
       if not (use_self or cross_attn[level]):
         return inp
       return attn_cls(use_self, cross_attn[level], self.head_dim, self.ff_mult,
-                      self.num_groups, dtype, name=name)(inp, ctx, ctx_mask)
+                      self.num_groups, dtype, kn, name=name)(inp, ctx, ctx_mask)
 
     if self.efficient:
       h = self._efficient(h, emb, widths, num_blocks, res_block, attn_block)
     else:
       h = self._standard(h, widths, num_blocks, res_block, attn_block)
 
-    h = layers.group_norm(self.num_groups, dtype, name="norm_out")(
+    h = layers.group_norm(self.num_groups, dtype, kn, name="norm_out")(
         h, activation="silu")
     out = layers.conv(self.out_channels or self.in_channels, dtype,
-                      kernel_init=layers.ZEROS, name="conv_out")(h)
+                      kernel_init=layers.ZEROS, kernels=kn, name="conv_out")(h)
     return out.astype(jnp.float32)
 
   def _standard(self, h, widths, num_blocks, res_block, attn_block,
@@ -260,9 +265,9 @@ class UNet(nn.Module):
     levels = len(widths)
     dtype = DTYPES[self.dtype]
     down_fn = down_fn or (lambda feats, name, inp: layers.Downsample(
-        feats, dtype, name=name)(inp))
+        feats, dtype, self.kernels, name=name)(inp))
     up_fn = up_fn or (lambda feats, name, inp: layers.Upsample(
-        feats, dtype, name=name)(inp))
+        feats, dtype, self.kernels, name=name)(inp))
     skips = [h]
     for i in range(levels):
       for j in range(num_blocks[i]):
@@ -353,9 +358,10 @@ class UNet(nn.Module):
     skips = []
     for i in range(levels):
       # D block: downsample before the convolutions.
-      h = layers.Downsample(widths[i], DTYPES[self.dtype],
+      h = layers.Downsample(widths[i], DTYPES[self.dtype], self.kernels,
                             name=f"down_{i}_resample")(h)
-      h = layers.film(h, emb, DTYPES[self.dtype], f"down_{i}_combine_embs")
+      h = layers.film(h, emb, DTYPES[self.dtype], f"down_{i}_combine_embs",
+                      self.kernels)
       for j in range(num_blocks[i]):
         h = res_block(f"down_{i}_res_{j}", widths[i], h)
         h = attn_block(f"down_{i}_attn_{j}", i, h)
@@ -367,10 +373,12 @@ class UNet(nn.Module):
       # U block: scaled skip in, convolutions, then upsample after them.
       if i < levels - 1:
         h = jnp.concatenate([h, skips.pop() * skip_scale], axis=-1)
-      h = layers.film(h, emb, DTYPES[self.dtype], f"up_{i}_combine_embs")
+      h = layers.film(h, emb, DTYPES[self.dtype], f"up_{i}_combine_embs",
+                      self.kernels)
       for j in range(num_blocks[i]):
         h = res_block(f"up_{i}_res_{j}", widths[i], h)
         h = attn_block(f"up_{i}_attn_{j}", i, h)
       h = layers.Upsample(widths[i - 1] if i > 0 else widths[0],
-                          DTYPES[self.dtype], name=f"up_{i}_resample")(h)
+                          DTYPES[self.dtype], self.kernels,
+                          name=f"up_{i}_resample")(h)
     return h

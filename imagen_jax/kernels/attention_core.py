@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 # finfo.min, not -inf, for masked logits: a fully masked row then degrades to
-# uniform weights instead of NaN (callers always add an attendable null token).
+# uniform weights instead of NaN, as in jax.nn.dot_product_attention.
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
@@ -69,7 +69,13 @@ def _core_bwd(res, do):
                   preferred_element_type=jnp.float32)
   dp = jnp.einsum("bnth,bnsh->bnts", dos.astype(v.dtype), v,
                   preferred_element_type=jnp.float32)
-  ds = (e * (dp - d)).astype(q.dtype)                  # [B, N, T, S]
+  ds = e * (dp - d)                                     # [B, N, T, S]
+  if mask is not None:
+    # The output does not depend on masked logits. In a fully masked row e
+    # is 1 everywhere (uniform weights), and without this the row would
+    # send gradient to q and k.
+    ds = jnp.where(mask[:, None, None, :], ds, 0.0)
+  ds = ds.astype(q.dtype)
   dq = jnp.einsum("bnts,bnsh->bnth", ds, k, preferred_element_type=jnp.float32)
   dk = jnp.einsum("bnts,bnth->bnsh", ds, q, preferred_element_type=jnp.float32)
   dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
@@ -98,14 +104,3 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, N, T|S, H]
   out = _core(q * jnp.asarray(scale, q.dtype), k, v, mask)
   return jnp.swapaxes(out, 1, 2)                         # [B, T, N, H]
-
-
-def attend_reference(q, k, v, mask):
-  """The same function by autodiff of the textbook formula, for tests."""
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("btnh,bsnh->bnts", q * scale, k,
-                      preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits, _MASKED)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", weights, v)
