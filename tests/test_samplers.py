@@ -91,6 +91,21 @@ def test_start_from_noised_data_keeps_distribution():
   assert float(jnp.abs(out - x[:8]).max()) < 0.1
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpmpp_2m"])
+def test_collapsed_time_grid_is_finite(sampler):
+  # Starting at t = 0 collapses the grid to one level: every step is h = 0,
+  # leaves z as it is, and the result is one denoiser call on the start.
+  x = MU + STD * jax.random.normal(jax.random.PRNGKey(5), (8, 4))
+  top = float(SCHED(jnp.zeros((), jnp.float32)))
+  run = lambda n: d.sample(
+      lambda z, logsnr: jnp.tanh(z), shape=x.shape, rng=jax.random.PRNGKey(6),
+      schedule=SCHED, sampler=sampler, num_steps=n, init_x=x,
+      start_logsnr=top)
+  out = run(4)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_allclose(out, run(1), rtol=1e-5, atol=1e-5)
+
+
 def test_sampler_loop_is_a_scan_traced_once():
   traces = []
 

@@ -115,10 +115,15 @@ def _dpmpp_2m_step(inp: StepInput, state):
   # lambda = logsnr / 2: z_s = (sigma_s / sigma_t) z_t - alpha_s expm1(-h) D
   # where D extrapolates x0 linearly in lambda from the last two estimates.
   x0_prev, h_prev = state
-  h = 0.5 * (inp.logsnr_s - inp.logsnr_t)  # [B] > 0
-  r = h_prev / h
-  d2 = (1.0 + 0.5 / _bcast(r, inp.z)) * inp.x0 - (0.5 / _bcast(r, inp.z)) * x0_prev
-  d = jnp.where(inp.first, inp.x0, d2)
+  h = 0.5 * (inp.logsnr_s - inp.logsnr_t)  # [B] >= 0
+  # A zero step (the grid's repeated last level, or a grid collapsed to one
+  # level when starting at t = 0) is first order: r = h_prev / h would be
+  # inf or 0/0 = NaN there.
+  second = jnp.logical_and(jnp.logical_not(inp.first),
+                           jnp.logical_and(h > 0, h_prev > 0))       # [B]
+  r = _bcast(jnp.where(second, h_prev / jnp.where(second, h, 1.0), 1.0), inp.z)
+  d2 = (1.0 + 0.5 / r) * inp.x0 - (0.5 / r) * x0_prev
+  d = jnp.where(_bcast(second, inp.z), d2, inp.x0)
   alpha_s, sigma_s = gaussian.alpha_sigma(_bcast(inp.logsnr_s, inp.z))
   _, sigma_t = gaussian.alpha_sigma(_bcast(inp.logsnr_t, inp.z))
   z_s = (sigma_s / sigma_t) * inp.z - alpha_s * jnp.expm1(-_bcast(h, inp.z)) * d
