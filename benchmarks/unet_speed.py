@@ -1,6 +1,7 @@
 """U-Net training-step speed: ours (JAX) vs imagen-pytorch, same size, same machine.
 
   python benchmarks/unet_speed.py [--batch=8] [--configs=tiny,cpu] [--no-torch]
+      [--kernels=auto,reference,...] [--baseline=GIT_REV]
 
 For each config: forward+backward time of one denoising-loss step at batch 8,
 its FLOPs (XLA cost analysis of the lowered step), the FLOP/s reached as a
@@ -17,6 +18,13 @@ host's load. The ratio is the median over rounds of each round's pair of
 median step times; ms/step is each side's fastest round (median of its
 steps). imagen-pytorch needs torch + torchvision, kept out of the test extras:
 build the benchmark environment with ``benchmarks/setup_bench_env.sh``.
+
+``--kernels`` times one worker of ours per kernel implementation
+(``imagen_jax.kernels``; the first is the row the others are compared
+with). ``--baseline=REV`` adds a worker running the U-Net of another
+commit (checked out into a temporary git worktree and imported from there,
+with that commit's own copy of this script), interleaved with ours: the
+A/B of a change against the code before it, on the same loaded host.
 
 Targets: the cpu config reaches >= 50% of matmul FLOP/s; >= 1.3x the
 throughput of the same-size imagen-pytorch U-Net.
@@ -36,19 +44,25 @@ from imagen_jax import xla_flags
 STAGE = "base64"
 
 
-def _jax_worker(variant: str, batch: int, text_len: int, dtype: str):
+def _jax_worker(variant: str, batch: int, text_len: int, dtype: str,
+                kernels: str = "auto"):
   """Builds our U-Net step; returns (facts, one blocking step)."""
   import jax
   import jax.numpy as jnp
   from imagen_jax import build, diffusion
+  from imagen_jax import kernels as kernels_lib
   from imagen_jax.train import metrics
   from tests import helpers
 
   config = helpers.load_config(STAGE, variant)
   config.model.dtype = dtype
+  config.model.kernels = kernels
   module = build.build_unet(config.model)
+  # Step time does not depend on the values: skip the host-side noise on
+  # the 2B params of the paper config.
   _, params, inputs = helpers.init_unet(STAGE, batch=batch,
-                                        text_len=text_len, variant=variant)
+                                        text_len=text_len, variant=variant,
+                                        live=variant != "paper")
   inputs = helpers.random_inputs(inputs)
   schedule = diffusion.get_logsnr_schedule("cosine")
 
@@ -76,6 +90,7 @@ def _jax_worker(variant: str, batch: int, text_len: int, dtype: str):
   dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
   info = dict(params=build.count_params(params), flops=flops,
+              kernels=kernels_lib.resolve(kernels),
               compiled_mem=mem_bytes, res=int(config.resolution),
               peak=common.matmul_peak_flops(dtype=jnp.dtype(dtype)),
               device_peak_mem=stats.get("peak_bytes_in_use", 0))
@@ -163,15 +178,45 @@ def _torch_worker(variant: str, batch: int, text_len: int, dtype: str):
 
 
 def _start_worker(kind: str, variant: str, batch: int, text_len: int,
-                  dtype: str, keep_xla_flags: bool = False) -> common.StepWorker:
+                  dtype: str, keep_xla_flags: bool = False,
+                  kernels: str = "auto", tree: str | None = None
+                  ) -> common.StepWorker:
+  """Starts a worker; ``tree``: another checkout whose code it runs."""
   env = dict(os.environ)
   if keep_xla_flags:
     # XLA's defaults: our own import already put the opt-out into XLA_FLAGS.
     env["IMAGEN_JAX_KEEP_XLA_FLAGS"] = "1"
     env["XLA_FLAGS"] = xla_flags.without_ynn_setting(env.get("XLA_FLAGS", ""))
-  return common.StepWorker(__file__, ["--worker", kind, "--configs", variant,
-                                      "--batch", str(batch), "--text_len",
-                                      str(text_len), "--dtype", dtype], env)
+  args = ["--worker", kind, "--configs", variant, "--batch", str(batch),
+          "--text_len", str(text_len), "--dtype", dtype]
+  script = __file__
+  if tree is None:
+    args += ["--kernels", kernels]
+  else:
+    script = os.path.join(tree, "benchmarks", "unet_speed.py")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [tree] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                  if p and os.path.abspath(p) != _ROOT])
+  return common.StepWorker(script, args, env)
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _baseline_tree(rev: str) -> str:
+  """Checks ``rev`` out into a temporary detached git worktree; its path."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  tree = os.path.join(tempfile.mkdtemp(prefix="unet_speed_baseline_"), "tree")
+  subprocess.run(["git", "-C", _ROOT, "worktree", "add", "--detach", "-q",
+                  tree, rev], check=True)
+  return tree
+
+
+def _remove_tree(tree: str) -> None:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  subprocess.run(["git", "-C", _ROOT, "worktree", "remove", "--force", tree],
+                 check=False)
 
 
 def _summary(info: dict, rounds: list[list[float]], result: dict) -> dict:
@@ -217,18 +262,41 @@ def main():
                       "interleaving exposes all sides to the same drift")
   parser.add_argument("--steps", type=int, default=4,
                       help="steps per worker per round")
+  parser.add_argument("--kernels", default="auto",
+                      help="comma list of kernel implementations "
+                      "(imagen_jax.kernels.CHOICES), one worker each")
+  parser.add_argument("--baseline", default=None,
+                      help="git revision whose U-Net is timed beside ours")
   parser.add_argument("--worker", default=None)
   args = parser.parse_args()
   if args.worker:
-    fn = _jax_worker if args.worker == "jax" else _torch_worker
-    info, step = fn(args.configs, args.batch, args.text_len, args.dtype)
+    if args.worker == "jax":
+      info, step = _jax_worker(args.configs, args.batch, args.text_len,
+                               args.dtype, args.kernels)
+    else:
+      info, step = _torch_worker(args.configs, args.batch, args.text_len,
+                                 args.dtype)
     common.serve_steps(info, step)
     return
+  tree = _baseline_tree(args.baseline) if args.baseline else None
+  try:
+    _compare(args, tree)
+  finally:
+    if tree is not None:
+      _remove_tree(tree)
+
+
+def _compare(args, tree):
+  """Starts the workers of every config, times them interleaved, prints."""
+  kernel_choices = args.kernels.split(",")
 
   print(common.machine_line())
   rows, spreads = [], []
   for variant in args.configs.split(","):
-    kinds = [("jax", {})]
+    kinds = [("jax", {"kernels": kernel_choices[0]})]
+    kinds += [("jax", {"kernels": k}) for k in kernel_choices[1:]]
+    if tree is not None:
+      kinds.append(("jax", {"tree": tree}))
     if args.ynn:
       kinds.append(("jax", {"keep_xla_flags": True}))
     if not args.no_torch:
@@ -241,13 +309,27 @@ def main():
     runs = [_summary(w.info, t, w.close()) for w, t in zip(workers, times)]
     ours = runs[0]
     peak = ours["peak"]
-    rows.append(_row(f"imagen_jax {STAGE}:{variant} {ours['res']}px", ours,
+    rows.append(_row(f"imagen_jax {STAGE}:{variant} {ours['res']}px "
+                     f"kernels={ours.get('kernels')}", ours,
                      args.batch, peak, ours["compiled_mem"] / 2**20, "1.00",
                      "1.00"))
-    for (kind, _), other in zip(kinds[1:], runs[1:]):
+    for (kind, kw), other in zip(kinds[1:], runs[1:]):
       ratio, q1, q3 = _paired_ratio(ours, other)
       if kind == "jax":
-        label, mem = "  same, XLA default (YNNPACK)", other["compiled_mem"] / 2**20
+        if "tree" in kw:
+          label = f"  same, baseline {args.baseline}"
+          spreads.append(f"{STAGE}:{variant}: our time / baseline "
+                         f"{args.baseline}'s, per round: median {ratio:.3f} "
+                         f"(quartiles {q1:.3f}-{q3:.3f})")
+        elif "kernels" in kw:
+          label = f"  same, kernels={other.get('kernels')}"
+          spreads.append(f"{STAGE}:{variant}: kernels={ours.get('kernels')} "
+                         f"time / kernels={other.get('kernels')}'s, per "
+                         f"round: median {ratio:.3f} (quartiles {q1:.3f}-"
+                         f"{q3:.3f})")
+        else:
+          label = "  same, XLA default (YNNPACK)"
+        mem = other["compiled_mem"] / 2**20
       else:
         label, mem = "  imagen-pytorch same config", "-"
         spreads.append(f"{STAGE}:{variant}: our time / imagen-pytorch's, "
