@@ -95,7 +95,7 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
     # conftest pins CPU unless told otherwise: let the accelerator be default.
     JAX_PLATFORMS="" CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} \
       timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -x \
-      -p no:cacheprovider tests/test_unet.py tests/test_group_norm.py \
+      -p no:cacheprovider tests/test_unet.py tests/test_kernels.py tests/test_compat.py \
       tests/test_optim.py tests/test_diffusion_math.py tests/test_samplers.py \
       2>&1 | tee "$OUT_DIR/tests.txt" | tail -30
     ;;
