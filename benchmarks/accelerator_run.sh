@@ -13,6 +13,13 @@
 #           batch 32: step time, MFU, device peak memory. REMAT="none" by
 #           default (~4 min); remat=full compiles for over 5 min: give it its
 #           own call (REMAT=full PAPER_TIMEOUT=560).
+#   kernels the kernel A/B (imagen_jax.kernels: reference = plain XLA,
+#           xla_cpu = the CPU rewrites, cudnn = cuDNN fused attention), each
+#           implementation one worker, timed interleaved: the CPU-scale base
+#           U-Net (bfloat16 and float32, batch 32, ~3 min) and the paper-scale
+#           base stage (bfloat16, batch PAPER_BATCH=2 per worker so that the
+#           three workers fit an H100 together, ~6 min with its compiles);
+#           KERNELS_PAPER=0 skips the paper rows, KERNELS_CPU=0 the others
 #   tests   the model / numerics test files on the accelerator (> 4 min)
 #   wheels  run on the machine that has the network, not the accelerator:
 #           downloads into .whl/ the Python 3.12 x86-64 wheels that the lent
@@ -24,11 +31,11 @@
 # needed by CI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: accelerator_run.sh speed|train|paper|tests|wheels [OUT_DIR]}
+PART=${1:?usage: accelerator_run.sh speed|train|paper|kernels|tests|wheels [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/accelerator_out}}
 mkdir -p "$OUT_DIR"
-case "$PART" in speed|train|paper|tests|wheels) ;; *)
-  echo "unknown part '$PART': choose speed, train, paper, tests or wheels" >&2
+case "$PART" in speed|train|paper|kernels|tests|wheels) ;; *)
+  echo "unknown part '$PART': choose speed, train, paper, kernels, tests or wheels" >&2
   exit 2;; esac
 if [ "$PART" = wheels ]; then
   platforms=""
@@ -90,6 +97,27 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
         --paper-batch "${PAPER_BATCH:-32}" 2>&1 \
         | tee "$OUT_DIR/paper_run_$remat.txt" | tail -5
     done
+    ;;
+  kernels)
+    nvidia-smi --query-gpu=name,memory.total,driver_version \
+      --format=csv 2>/dev/null | tee "$OUT_DIR/gpu.txt"
+    # Several workers share the card: each takes what it needs, not 75%.
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    if [ "${KERNELS_CPU:-1}" != 0 ]; then
+      for dtype in bfloat16 float32; do
+        timeout 200 "$PY" benchmarks/unet_speed.py --configs cpu --no-torch \
+          --dtype "$dtype" --batch 32 --kernels reference,xla_cpu,cudnn \
+          --rounds 8 --steps 4 2>&1 \
+          | tee "$OUT_DIR/kernels_cpu_${dtype}_b32.txt" | tail -9
+      done
+    fi
+    if [ "${KERNELS_PAPER:-1}" != 0 ]; then
+      timeout "${PAPER_TIMEOUT:-400}" "$PY" benchmarks/unet_speed.py \
+        --configs paper --no-torch --dtype bfloat16 \
+        --batch "${PAPER_BATCH:-2}" --kernels reference,cudnn,xla_cpu \
+        --rounds 4 --steps 2 2>&1 \
+        | tee "$OUT_DIR/kernels_paper_bfloat16.txt" | tail -9
+    fi
     ;;
   tests)
     # conftest pins CPU unless told otherwise: let the accelerator be default.
