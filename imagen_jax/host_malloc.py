@@ -1,17 +1,16 @@
-"""Runs command-line jobs under TCMalloc, where it is installed.
+"""Runs command-line jobs under TCMalloc, where it is installed (CPU side).
 
-Why: XLA:CPU allocates one temporary buffer per executable run (312 MB for
-the base64:cpu training step at batch 8, ~350 MB for a 32-wide sr256:cpu
-at batch 16). glibc's malloc serves any block over 32 MB (64 MB in a
-thread's arena) with a fresh ``mmap`` and returns it with ``munmap`` on
-free, so every step page-faults and zeroes the whole buffer again: ~77,000
-faults and ~36 ms of kernel page zeroing per base64:cpu step on the 2-core
-benchmark host. No glibc setting avoids it (threads' arenas fall back to
+Why: XLA:CPU allocates one temporary buffer per executable run (hundreds of
+MB for a CPU-scale U-Net training step). glibc's malloc serves any block
+over 32 MB (64 MB in a thread's arena) with a fresh ``mmap`` and returns it
+with ``munmap`` on free, so every step page-faults and zeroes the whole
+buffer again. No glibc setting avoids it (threads' arenas fall back to
 ``mmap`` whatever ``M_MMAP_MAX`` says, and ``MALLOC_ARENA_MAX=1`` makes the
-step 40% slower from lock contention). TCMalloc keeps freed spans mapped and
-hands them back, so the faults go to zero: the base64:cpu forward+backward
-ran 8-12% faster and the 32-wide sr256:cpu train step 45% faster
-(benchmarks/RESULTS.md, seventh session).
+step slower from lock contention). TCMalloc keeps freed spans mapped and
+hands them back, so the faults go to zero and CPU training steps run faster
+(benchmarks/RESULTS.md has the measurements). On GPU and TPU the step's
+buffers live in device memory and this only changes the host allocator of
+the Python process, which the accelerator step does not wait on.
 
 A preload must be in place when the process starts, so the console entry
 points call ``maybe_reexec()`` first: it re-executes the same command line
@@ -20,7 +19,6 @@ points call ``maybe_reexec()`` first: it re-executes the same command line
 found (Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4``), off Linux,
 or with ``IMAGEN_JAX_MALLOC=system``.
 """
-
 from __future__ import annotations
 
 import ctypes.util

@@ -1,22 +1,25 @@
-"""XLA flags that imagen_jax sets for speed, before any backend starts.
+"""XLA:CPU flags that imagen_jax sets for speed, before any backend starts.
+
+CPU side only: the flag below changes XLA:CPU's code generation; GPU and
+TPU backends do not read it. (Backend choices inside the model live in
+``imagen_jax.kernels``; this is the one that must be made in XLA_FLAGS.)
 
 On XLA:CPU (jaxlib >= 0.8.2) convolutions and dots are routed through
 YNNPACK library fusions by default. For the U-Net's convolutions, and above
-all their weight gradients, those run 2-5x slower than XLA's own Eigen
-kernels (benchmarks/unet_speed.py; RESULTS.md), so we switch them off. The
-flag must be set before the first backend is created, hence at import of the
-package; an XLA_FLAGS that already mentions it, or IMAGEN_JAX_KEEP_XLA_FLAGS=1,
-is left untouched. Older jaxlibs do not know the flag (and would abort on an
-unknown one), so it is only added where it exists.
+all their weight gradients, those run several times slower than XLA's own
+Eigen kernels (benchmarks/unet_speed.py --ynn; RESULTS.md), so we switch
+them off. The flag must be set before the first backend is created, hence
+at import of the package; an XLA_FLAGS that already mentions it, or
+IMAGEN_JAX_KEEP_XLA_FLAGS=1, is left untouched. Older jaxlibs do not know
+the flag (and would abort on an unknown one), so it is only added where it
+exists.
 
 XLA reads XLA_FLAGS once, when the first backend starts. A session that
 started JAX on the CPU before importing imagen_jax (``import jax;
 jax.devices()`` in the first notebook cell) keeps the YNNPACK fusions for
-its lifetime, and its U-Net training steps run ~1.5x slower (base64:cpu
-forward+backward 1031 vs 695 ms; benchmarks/RESULTS.md); ``apply`` warns
-once in that case.
+its lifetime, and its U-Net training steps run slower (RESULTS.md);
+``apply`` warns once in that case.
 """
-
 from __future__ import annotations
 
 import os

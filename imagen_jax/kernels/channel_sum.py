@@ -4,8 +4,7 @@ Reductions that keep only the narrow channel axis of an activation (bias
 gradients, GroupNorm statistics and their gradients) are, as written, one
 reduce over (B, H, W) with a [C] (or [B, C]) result. XLA:CPU runs those at
 ~1 GB/s: each output walks a stride-C column, with the elementwise producer
-re-run inside the loop. A bias gradient at 32x32x192 took 7-11 ms on one
-core. Summing a wide view first, ``[M / R, R * C]`` over its rows (a
+re-run inside the loop. Summing a wide view first, ``[M / R, R * C]`` over its rows (a
 vectorised accumulation of whole rows), then the ``[R, C]`` remainder, is
 2-12x faster (benchmarks/RESULTS.md): the same numbers, summed in another
 order, in float32.

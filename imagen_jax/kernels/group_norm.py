@@ -91,8 +91,8 @@ def _activate(u: jax.Array, act: Optional[str]) -> jax.Array:
   # conv weight gradient ([B, H, W, C] -> [C, H, W, B]). Re-running the norm
   # inside those strided loops cost more than the transposes themselves. A
   # divide counts as expensive, so the output is computed once and the
-  # transposes only move it: their time in a base64:cpu step fell from ~150
-  # to ~85 ms (benchmarks/RESULTS.md). exp(-u) -> inf for u << 0 gives -0.
+  # transposes only move it (benchmarks/RESULTS.md has the step times).
+  # exp(-u) -> inf for u << 0 gives -0.
   return u / (1.0 + jnp.exp(-u))
 
 
