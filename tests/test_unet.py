@@ -130,6 +130,23 @@ def test_remat_gives_same_loss_and_gradients(policy):
     np.testing.assert_allclose(gr, g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_kernel_implementations_give_the_same_loss_and_gradients(stage):
+  # The whole network, not only each kernel (tests/test_kernels.py): the
+  # reference and the XLA:CPU implementations are the same function.
+  module, params, inputs = helpers.init_unet(stage)
+  inp = helpers.random_inputs(inputs)
+  rng = jax.random.PRNGKey(5)
+  step = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
+  loss, grads = step(module.clone(kernels="reference"), params, inp, rng)
+  loss_c, grads_c = step(module.clone(kernels="xla_cpu"), params, inp, rng)
+  np.testing.assert_allclose(loss_c, loss, rtol=1e-5)
+  for g, gc in zip(jax.tree_util.tree_leaves(grads),
+                   jax.tree_util.tree_leaves(grads_c)):
+    np.testing.assert_allclose(gc, g, rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(g).max()) + 1e-7)
+
+
 # The paper's sizes: base ~2.0B (+-10%), SR 256 ~600M and SR 1024 ~400M (+-15%).
 @pytest.mark.parametrize("stage,target,tol", [
     ("base64", 2.0e9, 0.10), ("sr256", 6.0e8, 0.15), ("sr1024", 4.0e8, 0.15)])
