@@ -16,6 +16,13 @@ settings is checked to compile nothing.
 
 Targets: >= 3x imagen-pytorch's images/s; the second call compiles nothing.
 imagen-pytorch needs torch + torchvision: ``benchmarks/setup_bench_env.sh``.
+
+DeepFloyd IF rows (``--if_model=tiny`` on CPU, ``--if_model=IF-I-XL`` on a
+GPU): IF's stage I U-Net with random weights, ours (``UNet(family="if")``,
+bfloat16 on accelerators) against diffusers' ``IFPipeline`` (float16 on
+CUDA) with the same respaced steps (``--if_timesteps``, default smart27),
+guidance 7, learned-variance ancestral sampling, precomputed text
+embeddings (77 tokens) on both sides; each in its own subprocess.
 """
 
 from __future__ import annotations
@@ -135,9 +142,102 @@ def _torch_worker(batch: int, steps: int) -> dict:
                                  for u in unets])
 
 
-def _run_worker(kind: str, batch: int, steps: int) -> dict:
+IF_TINY = dict(
+    _class_name="UNet2DConditionModel", sample_size=16, layers_per_block=1,
+    block_out_channels=[32, 64],
+    down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+    in_channels=3, out_channels=6, cross_attention_dim=32, encoder_hid_dim=32,
+    attention_head_dim=8, addition_embed_type="text",
+    addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+    resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8)
+IF_TEXT_LEN = 77
+IF_GUIDANCE = 7.0
+
+
+def _if_config(name: str) -> dict:
+  from imagen_jax import convert_if
+  return IF_TINY if name == "tiny" else convert_if.IF_CONFIGS[name]
+
+
+def _if_jax_worker(name: str, batch: int, timesteps: str) -> dict:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from imagen_jax import build, convert_if
+  from imagen_jax.models.unet import UNet
+  from imagen_jax.stage import Stage, StageSettings
+
+  cfg = _if_config(name)
+  fields = convert_if.unet_config_to_model(cfg)
+  res = fields.pop("resolution")
+  on_cpu = jax.devices()[0].platform == "cpu"
+  unet = UNet(**fields, dtype="float32" if on_cpu else "bfloat16")
+  stage = Stage(unet=unet, resolution=res, schedule="discrete_cosine")
+  text = jax.random.normal(jax.random.PRNGKey(1),
+                           (batch, IF_TEXT_LEN, fields["text_dim"]))
+  mask = jnp.ones((batch, IF_TEXT_LEN), bool)
+  params = nn.unbox(jax.jit(unet.init)(
+      jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)), jnp.zeros((1,)),
+      text[:1], mask[:1])["params"])
+  settings = StageSettings(sampler="ancestral", timesteps=timesteps,
+                           guidance_scale=IF_GUIDANCE, threshold="dynamic",
+                           percentile=95.0, threshold_max=1.5)
+  run = jax.jit(stage.uint8_sampler(settings))
+  neg = jnp.zeros_like(text)
+
+  def call(seed):
+    return run(params, text, mask, neg, mask, jax.random.PRNGKey(seed), None,
+               None).block_until_ready()
+
+  t = time.perf_counter()
+  call(0)
+  first = time.perf_counter() - t
+  secs = common.time_call(lambda: call(1), repeats=3, warmup=0)
+  return dict(secs=secs, compile_s=first - secs,
+              params=[build.count_params(params)])
+
+
+def _if_torch_worker(name: str, batch: int, timesteps: str) -> dict:
+  import diffusers
+  import torch
+  from imagen_jax.diffusion import discrete
+
+  cfg = {k: v for k, v in _if_config(name).items() if not k.startswith("_")}
+  cuda = torch.cuda.is_available()
+  device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+  torch.set_num_threads(os.cpu_count())
+  unet = diffusers.UNet2DConditionModel(**cfg).to(device, dtype).eval()
+  pipe = diffusers.IFPipeline(
+      unet=unet, scheduler=diffusers.DDPMScheduler(
+          num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+          thresholding=True, dynamic_thresholding_ratio=0.95,
+          sample_max_value=1.5, variance_type="learned_range"),
+      tokenizer=None, text_encoder=None, safety_checker=None,
+      feature_extractor=None, watermarker=None, requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  text = torch.randn(batch, IF_TEXT_LEN, cfg["encoder_hid_dim"], device=device,
+                     dtype=dtype)
+  steps = discrete.respaced_steps(timesteps)
+  res = int(cfg["sample_size"])
+
+  def run():
+    with torch.no_grad():
+      out = pipe(prompt_embeds=text, negative_prompt_embeds=torch.zeros_like(text),
+                 timesteps=steps, guidance_scale=IF_GUIDANCE, output_type="pt",
+                 height=res, width=res).images
+    if cuda:
+      torch.cuda.synchronize()
+    return out
+
+  secs = common.time_call(run, repeats=2, warmup=1)
+  return dict(secs=secs, params=[sum(p.numel() for p in unet.parameters())])
+
+
+def _run_worker(kind: str, batch: int, steps, extra=()) -> dict:
   return common.run_worker(__file__, ["--worker", kind, "--batch", str(batch),
-                                      "--steps", str(steps)])
+                                      "--steps", str(steps), *extra])
 
 
 def main():
@@ -146,16 +246,38 @@ def main():
   parser.add_argument("--steps", default="25,100")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--worker", default=None)
+  parser.add_argument("--if_model", default="",
+                      help="Also time IF's stage I: tiny | IF-I-XL (GPU).")
+  parser.add_argument("--if_timesteps", default="smart27")
+  parser.add_argument("--if_only", action="store_true",
+                      help="Only the IF rows.")
   args = parser.parse_args()
   if args.worker:
-    fn = _jax_worker if args.worker == "jax" else _torch_worker
-    result = fn(args.batch, int(args.steps))
+    if args.worker.startswith("if_"):
+      fn = _if_jax_worker if args.worker == "if_jax" else _if_torch_worker
+      result = fn(args.if_model, args.batch, args.if_timesteps)
+    else:
+      fn = _jax_worker if args.worker == "jax" else _torch_worker
+      result = fn(args.batch, int(args.steps))
     result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(result))
     return
   print(common.machine_line())
   rows = []
-  for steps in (int(s) for s in args.steps.split(",")):
+  if args.if_model:
+    extra = ("--if_model", args.if_model, "--if_timesteps", args.if_timesteps)
+    ours = _run_worker("if_jax", args.batch, 0, extra)
+    theirs = _run_worker("if_torch", args.batch, 0, extra)
+    n = len(__import__("imagen_jax.diffusion.discrete", fromlist=["x"])
+            .respaced_steps(args.if_timesteps))
+    rows.append([f"imagen_jax IF stage I ({args.if_model})", n,
+                 ours["params"][0], ours["secs"], args.batch / ours["secs"],
+                 ours["compile_s"], "-", ours["rss"] / 2**20, "1.00"])
+    rows.append(["  diffusers IFPipeline same U-Net", n, theirs["params"][0],
+                 theirs["secs"], args.batch / theirs["secs"], "-", "-",
+                 theirs["rss"] / 2**20, f"{theirs['secs'] / ours['secs']:.2f}"])
+  for steps in ([] if args.if_only else
+                (int(s) for s in args.steps.split(","))):
     ours = _run_worker("jax", args.batch, steps)
     rows.append(["imagen_jax cascade", steps, "/".join(map(str, ours["params"])),
                  ours["secs"], args.batch / ours["secs"], ours["compile_s"],
@@ -166,6 +288,10 @@ def main():
                    "/".join(map(str, theirs["params"])), theirs["secs"],
                    args.batch / theirs["secs"], "-", "-", theirs["rss"] / 2**20,
                    f"{theirs['secs'] / ours['secs']:.2f}"])
+  if args.if_model:
+    print(f"\nIF rows: stage I alone, {args.if_timesteps} respacing, batch "
+          f"{args.batch}, guidance {IF_GUIDANCE}, random weights, text "
+          "embeddings given (no T5).")
   print(f"\nFull cascade 16px base -> 64px SR, batch {args.batch}, guidance "
         f"{GUIDANCE[0]}/{GUIDANCE[1]}, ancestral sampler, random weights. Last "
         "column: its time / our time (our speed-up).")

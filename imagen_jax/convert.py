@@ -91,13 +91,16 @@ def weight_files(unet_dir: str, variant: str = "") -> list[str]:
       f"{os.path.basename(index)}{hint}.")
 
 
-def stage_config(model_fields: dict[str, Any], src: str, stage_ii: bool):
+def stage_config(model_fields: dict[str, Any], src: str, stage_ii: bool,
+                 resolution: int = 0, lowres_resolution: int = 0):
   """The full stage config of a converted IF U-Net.
 
   Args:
     model_fields: from ``convert_if.unet_config_to_model``.
     src: the IF directory (for the text encoder's paths).
     stage_ii: whether it is the 64 -> 256 super-resolution stage.
+    resolution: output size (0: IF's, 64 for stage I and 256 for stage II).
+    lowres_resolution: stage II's input size (0: IF's 64).
 
   Returns:
     A ``ConfigDict`` like a training run's.
@@ -105,7 +108,7 @@ def stage_config(model_fields: dict[str, Any], src: str, stage_ii: bool):
   from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
   config = config_defaults.base()
   fields = dict(model_fields)
-  resolution = fields.pop("resolution")
+  native = fields.pop("resolution")
   for key, value in fields.items():
     config.model[key] = value
   config.model.dtype = "bfloat16"
@@ -116,12 +119,11 @@ def stage_config(model_fields: dict[str, Any], src: str, stage_ii: bool):
   for key, value in SAMPLE_DEFAULTS[stage_ii].items():
     config.sample[key] = value
   if stage_ii:
-    # IF-II's config says 64 (its low-res size); it makes 256 px images.
-    config.resolution = 256 if resolution <= 64 else resolution
-    config.lowres_resolution = 64
-    d.aug_max = 1.0
+    # IF-II's sample_size is its low-res size; it makes 256 px images.
+    config.resolution = resolution or 256
+    config.lowres_resolution = lowres_resolution or 64
   else:
-    config.resolution = resolution
+    config.resolution = resolution or native
     config.lowres_resolution = 0
   t = config.text
   t.t5 = "xxl"
@@ -188,13 +190,15 @@ def read_unet(src: str, variant: str = "") -> tuple[dict, dict]:
   return raw, convert_if.unet_config_to_model(raw)
 
 
-def convert(src: str, out: str, variant: str = "") -> str:
+def convert(src: str, out: str, variant: str = "", resolution: int = 0,
+            lowres_resolution: int = 0) -> str:
   """Converts one IF stage directory into an export directory.
 
   Args:
     src: IF stage directory (diffusers layout).
     out: export directory to write.
     variant: "" or "fp16" (which weight files to read).
+    resolution, lowres_resolution: see ``stage_config``.
 
   Returns:
     ``out``.
@@ -207,7 +211,8 @@ def convert(src: str, out: str, variant: str = "") -> str:
 
   _, fields = read_unet(src, variant)
   files = weight_files(os.path.join(src, "unet"), variant)
-  config = stage_config(fields, src, fields["lowres_cond"])
+  config = stage_config(fields, src, fields["lowres_cond"], resolution,
+                        lowres_resolution)
   spec = text_encoder_spec(src, str(config.text.dtype))
   if spec["config"]["d_model"] != fields["text_dim"]:
     raise convert_if.ConvertError(
@@ -269,11 +274,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  help="IF stage directory (diffusers layout).")
   p.add_argument("--out", required=True, help="Export directory to write.")
   p.add_argument("--variant", default="", help="Weights variant: '' or fp16.")
+  p.add_argument("--resolution", type=int, default=0,
+                 help="Output size (default IF's: 64 stage I, 256 stage II).")
+  p.add_argument("--lowres_resolution", type=int, default=0,
+                 help="Stage II input size (default IF's 64).")
   p.error = lambda message: cli.fail(PROG, message)
   args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
   cli.setup_logging_and_cache()
   try:
-    out = convert(args.src, args.out, args.variant)
+    out = convert(args.src, args.out, args.variant, args.resolution,
+                  args.lowres_resolution)
   except convert_if.ConvertError as e:
     cli.fail(PROG, str(e))
   print(f"{PROG}: wrote {out}")

@@ -167,3 +167,24 @@ def test_bad_inputs_are_one_line_exit_2(converted, tmp_path, capsys):
   (orig / "config.yml").write_text("params: {}\n")
   assert "deepfloyd_if's own layout" in _fails(capsys, "--src", str(orig),
                                                "--out", out)
+
+
+def test_notebook_if_section_runs_headless(converted, monkeypatch):
+  """The notebook's IF cells (tagged "if"), on the tiny converted stand-in."""
+  import nbformat
+  from nbclient import NotebookClient
+  _, out, _ = converted
+  monkeypatch.setenv("IMAGEN_IF_EXPORTS", out)
+  monkeypatch.setenv("IMAGEN_IF_TIMESTEPS", "fast27")
+  # The sample cell's own scale: the sweep reuses its compiled loop.
+  monkeypatch.setenv("IMAGEN_IF_SCALES", "7")
+  path = os.path.join(helpers.ROOT, "notebooks", "sample.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  nb.cells = [c for c in nb.cells if "if" in c.metadata.get("tags", [])]
+  assert len(nb.cells) == 4
+  NotebookClient(nb, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": helpers.ROOT}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(pngs) == 2  # the grid and the guidance sweep
