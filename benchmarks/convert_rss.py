@@ -102,7 +102,7 @@ def main() -> None:
          out, "--variant", "fp16"], env=env, capture_output=True, text=True)
     took = time.time() - t0
     if proc.returncode:
-      sys.exit(proc.stderr[-2000:])
+      sys.exit(f"convert exited {proc.returncode}: {proc.stderr[-1500:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     print(f"{time.strftime('%Y-%m-%d')} | {platform.node()} | "
           f"{os.cpu_count()} cores | checkpoint written in {written:.0f} s")
