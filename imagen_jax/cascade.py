@@ -33,7 +33,7 @@ from imagen_jax import build
 from imagen_jax import config_defaults
 from imagen_jax import fileio
 from imagen_jax import parallel
-from imagen_jax.stage import Stage, StageSettings, to_float_image
+from imagen_jax.stage import SampleInputs, Stage, StageSettings, to_float_image
 from imagen_jax.text import encoder as encoder_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 
@@ -86,6 +86,20 @@ def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
       raise CascadeError(str(e)) from None
     out.append(settings)
   return out
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+  """A sampling request laid out on the mesh (``Cascade.prepare``).
+
+  Attributes:
+    inputs: text and negative text, ``[N', ...]`` with N' = N + padding.
+    start_image: the start image ``[N', h, w, 3]`` uint8, or None.
+    num_images: N, the images asked for (rows past it are padding).
+  """
+  inputs: SampleInputs
+  start_image: Optional[jax.Array]
+  num_images: int
 
 
 @dataclasses.dataclass
@@ -230,17 +244,21 @@ class Cascade:
     if bar is not None and int(i) + 1 > bar.n:
       bar.update(int(i) + 1 - bar.n)
 
-  def _sampler(self, index: int, settings: StageSettings, batch: int,
-               guided: bool, start_logsnr: Optional[float], progress: bool):
-    """The compiled sampling loop of a stage (cached; counts compilations)."""
-    key = (index, settings, batch, guided, start_logsnr, progress)
+  def _sampler(self, index: int, settings: StageSettings, inputs: SampleInputs,
+               start_logsnr: Optional[float], progress: bool):
+    """The compiled sampling loop of a stage (cached; counts compilations).
+
+    The key holds what fixes the traced program: the stage, its settings,
+    the inputs' structure (which optional inputs are set) and shapes.
+    """
+    shapes = tuple(x.shape for x in jax.tree_util.tree_leaves(inputs))
+    key = (index, settings, jax.tree_util.tree_structure(inputs), shapes,
+           start_logsnr, progress)
     if key not in self._compiled:
       self.compilations += 1
-      stage = self.stages[index].stage
-      run = stage.uint8_sampler(
-          settings, guided=guided, start_logsnr=start_logsnr,
+      run = self.stages[index].stage.uint8_sampler(
+          settings, start_logsnr=start_logsnr,
           progress_fn=self._step_done if progress else None)
-
       self._compiled[key] = jax.jit(
           run, out_shardings=parallel.batch_sharding(self.mesh, 4))
     return self._compiled[key]
@@ -248,6 +266,152 @@ class Cascade:
   def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     """T5 embeddings of prompts (see ``TextEncoder.encode``)."""
     return self.text_encoder.encode(list(prompts))
+
+  def validate(self, num_prompts: int, settings: Sequence[StageSettings], *,
+               num_samples: int = 1,
+               negative_prompts: Optional[Sequence[str]] = None,
+               stop_after: Optional[int] = None,
+               start_image: Optional[np.ndarray] = None, start_stage: int = 0,
+               start_noise_level: Optional[float] = None) -> tuple[int, int]:
+    """Checks a ``sample`` request before any work (arguments as there).
+
+    Returns:
+      (first, last): the indices of the first and last stage to run.
+
+    Raises:
+      CascadeError: one line saying what is wrong and what would do.
+    """
+    last = len(self.stages) - 1 if stop_after is None else int(stop_after)
+    if not 0 <= start_stage <= last < len(self.stages):
+      raise CascadeError(f"Stages {start_stage}..{last} do not exist in a "
+                         f"{len(self.stages)}-stage cascade.")
+    if num_prompts < 1 or num_samples < 1:
+      raise CascadeError(f"{num_prompts} prompts x {num_samples} samples: give "
+                         "at least one prompt and num_samples >= 1.")
+    if len(settings) < last + 1:
+      raise CascadeError(f"Got sampling settings for {len(settings)} stages, "
+                         f"need {last + 1}.")
+    for s in settings:
+      try:
+        s.check()
+      except ValueError as e:
+        raise CascadeError(str(e)) from None
+    if negative_prompts is not None and len(negative_prompts) != num_prompts:
+      raise CascadeError(f"{len(negative_prompts)} negative prompts for "
+                         f"{num_prompts} prompts; give one per prompt.")
+    stage = self.stages[start_stage].stage
+    if start_image is None:
+      if stage.is_sr:
+        raise CascadeError(f"Stage {start_stage} is a super-resolution stage "
+                           "and has no input: start at the base stage or pass "
+                           "start_image.")
+      if start_noise_level is not None:
+        raise CascadeError("start_noise_level needs a start_image to noise.")
+      return start_stage, last
+    shape = np.shape(start_image)
+    n = num_prompts * num_samples
+    if len(shape) != 4 or shape[0] not in (num_prompts, n):
+      raise CascadeError(f"start_image has shape {shape}; give [P or N, h, w, "
+                         f"3] images, one per prompt ({num_prompts}) or per "
+                         f"sample ({n}).")
+    if not stage.is_sr and start_noise_level is None:
+      raise CascadeError(f"Stage {start_stage} is a base stage: a start_image "
+                         "there needs start_noise_level (img2img), or start "
+                         "at a super-resolution stage.")
+    want = stage.lowres_resolution if stage.is_sr else stage.resolution
+    if shape[1:3] != (want, want):
+      raise CascadeError(f"start_image is {shape[1]}x{shape[2]} but stage "
+                         f"{start_stage} takes {want}x{want} inputs.")
+    if start_noise_level is not None and (
+        stage.is_sr or not 0.0 < float(start_noise_level) <= 1.0):
+      raise CascadeError(f"start_noise_level={start_noise_level} is for a base "
+                         "start stage and must be in (0, 1].")
+    return start_stage, last
+
+  def prepare(self, prompts: Sequence[str], *, num_samples: int = 1,
+              negative_prompts: Optional[Sequence[str]] = None,
+              start_image: Optional[np.ndarray] = None) -> PreparedBatch:
+    """Encodes the prompts and lays the batch out on the mesh.
+
+    Each prompt's embedding is repeated ``num_samples`` times (prompt-major),
+    and the batch is padded (repeating its last row) to a multiple of the
+    data-parallel size, then sharded over the mesh's data axes.
+
+    Args:
+      prompts, num_samples, negative_prompts, start_image: see ``sample``.
+
+    Returns:
+      The prepared batch.
+    """
+    n = len(prompts) * num_samples
+    pad = (-n) % parallel.data_parallel_size(self.mesh)
+
+    def layout(x):  # [P, ...] or [N, ...] -> [N + pad, ...], batch-sharded
+      x = jnp.asarray(x)
+      if x.shape[0] != n:
+        x = jnp.repeat(x, num_samples, axis=0)
+      if pad:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)])
+      return jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+
+    text, mask = self.encode(prompts)
+    inputs = SampleInputs(text=layout(text), text_mask=layout(mask))
+    if negative_prompts is not None:
+      neg_text, neg_mask = self.encode(negative_prompts)
+      inputs = inputs.replace(negative_text=layout(neg_text),
+                              negative_mask=layout(neg_mask))
+    start = None
+    if start_image is not None:
+      start = layout(np.asarray(start_image, np.uint8))
+    return PreparedBatch(inputs=inputs, start_image=start, num_images=n)
+
+  def run_stage(self, index: int, settings: StageSettings,
+                inputs: SampleInputs, images: Optional[jax.Array], rng: jax.Array,
+                *, start_noise_level: Optional[float] = None,
+                progress: bool = False) -> jax.Array:
+    """Runs one stage's compiled sampling loop on a prepared batch.
+
+    Args:
+      index: the stage.
+      settings: its sampling settings.
+      inputs: the prepared text (and negative text), ``PreparedBatch.inputs``.
+      images: the previous stage's images (or the start image), uint8
+        ``[N', h, w, 3]``: an SR stage's low-res input, or with
+        ``start_noise_level`` a base stage's init image; else None.
+      rng: PRNG key of this stage.
+      start_noise_level: base stage: img2img from ``images`` noised to this t.
+      progress: a progress bar (steps, steps/s).
+
+    Returns:
+      uint8 images ``[N', R, R, 3]``, still padded and on the devices.
+    """
+    stage = self.stages[index].stage
+    start_logsnr = None
+    if stage.is_sr:
+      if images is None:
+        raise CascadeError(f"Stage {index} is a super-resolution stage and has "
+                           "no input: run the stage before it or pass "
+                           "start_image.")
+      inputs = inputs.replace(lowres=images)
+    elif images is not None and start_noise_level is not None:
+      start_logsnr = float(stage.logsnr_schedule()(jnp.float32(start_noise_level)))
+      inputs = inputs.replace(init_image=images)
+    fn = self._sampler(index, settings, inputs, start_logsnr, progress)
+    if progress:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=settings.num_steps, unit="step", dynamic_ncols=True,
+                       desc=f"stage {index} ({stage.resolution}px, "
+                       f"{inputs.text.shape[0]} images)")
+    try:
+      with parallel.sharding_context(self.mesh):
+        out = fn(self.stages[index].params, inputs, rng)
+      out = jax.block_until_ready(out)
+      jax.effects_barrier()  # every step callback has run
+    finally:
+      if self._bar is not None:
+        self._bar.close()
+        self._bar = None
+    return out
 
   def sample(self, prompts: Sequence[str], *, settings: Sequence[StageSettings],
              num_samples: int = 1, seed: int = 0,
@@ -257,6 +421,8 @@ class Cascade:
              start_noise_level: Optional[float] = None,
              progress: bool = False) -> list[np.ndarray]:
     """Runs the cascade; returns every stage's images (uint8).
+
+    ``validate``, then ``prepare``, then ``run_stage`` per stage.
 
     Args:
       prompts: P captions.
@@ -276,90 +442,24 @@ class Cascade:
     Returns:
       A list with one ``[N, R_i, R_i, 3]`` uint8 array per stage run.
     """
-    last = len(self.stages) - 1 if stop_after is None else int(stop_after)
-    if not 0 <= start_stage <= last < len(self.stages):
-      raise CascadeError(f"Stages {start_stage}..{last} do not exist in a "
-                         f"{len(self.stages)}-stage cascade.")
-    if len(settings) < last + 1:
-      raise CascadeError(f"Got sampling settings for {len(settings)} stages, "
-                         f"need {last + 1}.")
-    for s in settings:
-      try:
-        s.check()
-      except ValueError as e:
-        raise CascadeError(str(e)) from None
     prompts = list(prompts)
-    n = len(prompts) * num_samples
-    expand = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
-    text, mask = self.encode(prompts)
-    text, mask = expand(text), expand(mask)
-    if negative_prompts is not None:
-      if len(negative_prompts) != len(prompts):
-        raise CascadeError(f"{len(negative_prompts)} negative prompts for "
-                           f"{len(prompts)} prompts; give one per prompt.")
-      neg_text, neg_mask = self.encode(negative_prompts)
-      neg_text, neg_mask = expand(neg_text), expand(neg_mask)
-    else:
-      neg_text, neg_mask = jnp.zeros_like(text), jnp.zeros_like(mask)
-    # The batch must split evenly over the data axes: pad, then drop.
-    shards = parallel.data_parallel_size(self.mesh)
-    pad = (-n) % shards
-    def padded(x):
-      return jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) if pad else x
-    text, mask, neg_text, neg_mask = map(padded, (text, mask, neg_text, neg_mask))
-    total = n + pad
-    emb_sh = parallel.batch_sharding(self.mesh, 3)    # [N, L, D]
-    mask_sh = parallel.batch_sharding(self.mesh, 2)   # [N, L]
-    text, neg_text = jax.device_put(text, emb_sh), jax.device_put(neg_text, emb_sh)
-    mask, neg_mask = jax.device_put(mask, mask_sh), jax.device_put(neg_mask, mask_sh)
-
-    images = None
-    if start_image is not None:
-      img = np.asarray(start_image)
-      if img.shape[0] == len(prompts) and num_samples > 1:
-        img = np.repeat(img, num_samples, axis=0)
-      if img.shape[0] != n:
-        raise CascadeError(f"start_image has {img.shape[0]} images for {n} "
-                           "samples; give one per prompt or per sample.")
-      st = self.stages[start_stage].stage
-      want = st.lowres_resolution if st.is_sr else st.resolution
-      if img.shape[1:3] != (want, want):
-        raise CascadeError(f"start_image is {img.shape[1]}x{img.shape[2]} but "
-                           f"stage {start_stage} takes {want}x{want} inputs.")
-      images = jnp.asarray(padded(jnp.asarray(img, jnp.uint8)))
-    outputs = []
+    first, last = self.validate(
+        len(prompts), settings, num_samples=num_samples,
+        negative_prompts=negative_prompts, stop_after=stop_after,
+        start_image=start_image, start_stage=start_stage,
+        start_noise_level=start_noise_level)
+    batch = self.prepare(prompts, num_samples=num_samples,
+                         negative_prompts=negative_prompts,
+                         start_image=start_image)
+    images = batch.start_image
     root = jax.random.PRNGKey(seed)
-    for i in range(start_stage, last + 1):
-      s = settings[i]
-      stage = self.stages[i].stage
-      guided = s.guidance_scale != 1.0 or negative_prompts is not None
-      start_logsnr = None
-      init = jnp.zeros((total, 1, 1, 3), jnp.uint8)
-      lowres = jnp.zeros((total, 1, 1, 3), jnp.uint8)
-      if stage.is_sr:
-        if images is None:
-          raise CascadeError(f"Stage {i} is a super-resolution stage and has no "
-                             "input: run the stage before it or pass start_image.")
-        lowres = images
-      elif images is not None and start_noise_level is not None:
-        start_logsnr = float(stage.logsnr_schedule()(jnp.float32(start_noise_level)))
-        init = images
-      fn = self._sampler(i, s, total, guided, start_logsnr, progress)
-      if progress:
-        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-        self._bar = tqdm(total=s.num_steps, unit="step", dynamic_ncols=True,
-                         desc=f"stage {i} ({stage.resolution}px, {total} images)")
-      try:
-        with parallel.sharding_context(self.mesh):
-          images = fn(self.stages[i].params, text, mask, neg_text, neg_mask,
-                      jax.random.fold_in(root, i), lowres, init)
-        images = jax.block_until_ready(images)
-        jax.effects_barrier()  # every step callback has run
-      finally:
-        if self._bar is not None:
-          self._bar.close()
-          self._bar = None
-      outputs.append(np.asarray(jax.device_get(images))[:n])
+    outputs = []
+    for i in range(first, last + 1):
+      images = self.run_stage(i, settings[i], batch.inputs, images,
+                              jax.random.fold_in(root, i),
+                              start_noise_level=start_noise_level,
+                              progress=progress)
+      outputs.append(np.asarray(jax.device_get(images))[:batch.num_images])
     return outputs
 
 

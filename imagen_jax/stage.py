@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,6 +88,29 @@ def check_sr_target(sr_target: str) -> None:
   if sr_target not in SR_TARGETS:
     raise ValueError(f"Unknown diffusion.sr_target {sr_target!r}; choose one "
                      f"of {', '.join(SR_TARGETS)}.")
+
+
+@flax.struct.dataclass
+class SampleInputs:
+  """What one stage samples from, for a batch of B examples (a pytree).
+
+  Attributes:
+    text: ``[B, L, D]`` text embeddings.
+    text_mask: ``[B, L]`` bool, True for real tokens.
+    lowres: SR stages only: ``[B, h, w, C]`` low-res images (uint8, or
+      floats in [-1, 1]).
+    negative_text: ``[B, L, D]``: guide away from this text instead of the
+      null text; with ``negative_mask`` ``[B, L]``.
+    negative_mask: see ``negative_text``.
+    init_image: ``[B, R, R, C]``: start from this image noised to the
+      sampler's ``start_logsnr`` instead of from noise (img2img).
+  """
+  text: jax.Array
+  text_mask: jax.Array
+  lowres: Optional[jax.Array] = None
+  negative_text: Optional[jax.Array] = None
+  negative_mask: Optional[jax.Array] = None
+  init_image: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,38 +262,27 @@ class Stage:
 
   # --- sampling -------------------------------------------------------------------
 
-  def sample(self, params: Any, text: jax.Array, text_mask: jax.Array,
-             rng: jax.Array, *, sampler: str = "ddim", num_steps: int = 50,
-             guidance_scale: float = 1.0, threshold: str = "dynamic",
-             percentile: float = 99.5, lowres: Optional[jax.Array] = None,
-             aug_level: float = 0.2, negative_text: Optional[jax.Array] = None,
-             negative_mask: Optional[jax.Array] = None,
-             resolution: Optional[int] = None, eta: float = 0.0,
-             init_image: Optional[jax.Array] = None,
+  def sample(self, params: Any, inputs: SampleInputs, rng: jax.Array,
+             settings: StageSettings, *, resolution: Optional[int] = None,
              start_logsnr: Optional[float] = None,
-             timesteps: str = "", threshold_max: float = 0.0,
-             noise: Optional[dict] = None,
-             progress_fn=None) -> jax.Array:
+             noise: Optional[dict] = None, progress_fn=None) -> jax.Array:
     """Samples images for a batch of text embeddings (jit this).
+
+    Classifier-free guidance runs when ``settings.guidance_scale != 1`` or a
+    negative text is given: the network then runs once per step on 2B
+    examples (conditional and unconditional batched); otherwise once on B.
 
     Args:
       params: U-Net params (EMA params in practice).
-      text: ``[B, L, D]`` embeddings; text_mask ``[B, L]``.
+      inputs: text, and the low-res images (SR stages), negative text and
+        init image where used (see ``SampleInputs``).
       rng: PRNG key.
-      sampler, num_steps, eta: see ``diffusion.sample``.
-      guidance_scale: classifier-free guidance weight (1 = none; then the
-        network runs once per step on B examples instead of 2B).
-      threshold, percentile: x0 thresholding ("dynamic" with the paper's 99.5).
-      lowres: SR stages: the low-res images (uint8 or [-1, 1] floats).
-      aug_level: SR stages: noise-augmentation level of the low-res input.
-      negative_text, negative_mask: guidance away from this text instead of
-        the null text.
+      settings: sampler, steps (or a discrete schedule's ``timesteps``
+        respacing, which then sets them), guidance, thresholding, aug level,
+        eta.
       resolution: output size (default: the stage's).
-      init_image, start_logsnr: start from a noised image instead of noise.
-      timesteps: a respacing of a discrete schedule ("smart27", "fast27",
-        "10,10,3,2,2", "steps:999,500,0"; ``discrete.respaced_steps``): the
-        network runs at exactly those steps and ``num_steps`` is ignored.
-      threshold_max: cap of the dynamic threshold's scale (0: none).
+      start_logsnr: start from ``inputs.init_image`` noised to this log-SNR
+        instead of from pure noise (img2img).
       noise: fixed draws instead of ones from ``rng``, to reproduce another
         implementation's run: "init" ``[B, R, R, C]``, "steps" ``[N, B, R,
         R, C]`` and, for SR stages, "aug" (the low-res augmentation noise).
@@ -278,71 +291,96 @@ class Stage:
     Returns:
       Images ``[B, R, R, C]`` float32 in [-1, 1].
     """
+    self.check_inputs(inputs, start_logsnr)
+    text, mask = inputs.text, inputs.text_mask.astype(bool)
     b = text.shape[0]
     res = resolution or self.resolution
     channels = self.unet.in_channels
-    mask = text_mask.astype(bool)
     extra = {}
     offset = None
     if self.is_sr:
-      if lowres is None:
-        raise ValueError("This is a super-resolution stage: pass the low-res "
-                         "images to sample from.")
-      offset = self.residual_base(lowres, (b, res, res, channels))
+      offset = self.residual_base(inputs.lowres, (b, res, res, channels))
       aug_rng, rng = jax.random.split(rng)
-      low = self.lowres_for_augment(lowres, (b, res, res, channels))
+      low = self.lowres_for_augment(inputs.lowres, (b, res, res, channels))
       if noise is not None and "aug" in noise:
         aug_logsnr = self.aug_logsnr_schedule()(
-            jnp.full((b,), aug_level, jnp.float32))
+            jnp.full((b,), settings.aug_level, jnp.float32))
         low = diffusion.q_sample(low, aug_logsnr, noise["aug"])
       else:
         low, aug_logsnr = diffusion.augment_lowres(
-            low, aug_level, aug_rng, schedule=self.aug_logsnr_schedule())
+            low, settings.aug_level, aug_rng,
+            schedule=self.aug_logsnr_schedule())
       extra = dict(lowres=low, aug_logsnr=aug_logsnr)
 
     def model_fn(z, logsnr, cond):
+      # Guidance runs the conditional and unconditional halves as one batch.
       n = z.shape[0]
       kw = {k: (v if v.shape[0] == n else jnp.concatenate([v] * (n // v.shape[0])))
             for k, v in extra.items()}
       return self.unet.apply({"params": params}, z, logsnr, cond[0], cond[1], **kw)
 
-    thresholding = dict(threshold=threshold, percentile=percentile,
-                        threshold_max=threshold_max,
-                        learned_variance=self.learned_variance)
-    if guidance_scale == 1.0 and negative_text is None:
-      denoise = diffusion.make_denoiser(model_fn, cond=(text, mask),
-                                        prediction=self.prediction,
-                                        x0_offset=offset, **thresholding)
+    common = dict(prediction=self.prediction, threshold=settings.threshold,
+                  percentile=settings.percentile,
+                  threshold_max=settings.threshold_max,
+                  learned_variance=self.learned_variance, x0_offset=offset)
+    if settings.guidance_scale == 1.0 and inputs.negative_text is None:
+      denoise = diffusion.make_denoiser(model_fn, cond=(text, mask), **common)
     else:
-      if negative_text is None:
+      if inputs.negative_text is None:
         uncond = (jnp.zeros_like(text), jnp.zeros_like(mask))
       else:
-        uncond = (negative_text.astype(text.dtype), negative_mask.astype(bool))
+        uncond = (inputs.negative_text.astype(text.dtype),
+                  inputs.negative_mask.astype(bool))
       denoise = diffusion.make_guided_denoiser(
           model_fn, cond=(text, mask), uncond=uncond,
-          guidance_scale=guidance_scale, prediction=self.prediction,
-          x0_offset=offset, **thresholding)
-    init_x = None if init_image is None else to_float_image(init_image)
-    if init_x is not None and offset is not None:
-      init_x = init_x - offset
-    levels = None
-    if timesteps:
+          guidance_scale=settings.guidance_scale, **common)
+    init_x = None
+    if start_logsnr is not None:
+      init_x = to_float_image(inputs.init_image)
+      if offset is not None:
+        init_x = init_x - offset
+    levels, num_steps = None, settings.num_steps
+    if settings.timesteps:
       if self.schedule != "discrete_cosine":
-        raise ValueError(f"Sampling timesteps {timesteps!r} respace a "
+        raise ValueError(f"Sampling timesteps {settings.timesteps!r} respace a "
                          "discrete schedule; this stage's schedule is "
                          f"{self.schedule!r}. Leave sample.timesteps empty.")
-      levels = discrete.respaced_logsnrs(timesteps)
+      levels = discrete.respaced_logsnrs(settings.timesteps)
       num_steps = len(levels)
     out = diffusion.sample(
         denoise, shape=(b, res, res, channels), rng=rng,
-        schedule=self.logsnr_schedule(), sampler=sampler, num_steps=num_steps,
-        eta=eta, init_x=init_x, start_logsnr=start_logsnr,
-        logsnr_levels=levels,
+        schedule=self.logsnr_schedule(), sampler=settings.sampler,
+        num_steps=num_steps, eta=settings.eta, init_x=init_x,
+        start_logsnr=start_logsnr, logsnr_levels=levels,
         noise=None if noise is None else (noise["init"], noise["steps"]),
         progress_fn=progress_fn)
     return out if offset is None else out + offset
 
-  def uint8_sampler(self, settings: StageSettings, *, guided: bool = True,
+  def check_inputs(self, inputs: SampleInputs,
+                   start_logsnr: Optional[float] = None) -> None:
+    """Raises a one-line ValueError if ``inputs`` do not fit this stage."""
+    b = inputs.text.shape[0]
+    if inputs.text_mask.shape != inputs.text.shape[:2]:
+      raise ValueError(f"text_mask has shape {inputs.text_mask.shape}; it must "
+                       f"be the text's [B, L] = {inputs.text.shape[:2]}.")
+    if self.is_sr and inputs.lowres is None:
+      raise ValueError("This is a super-resolution stage: pass the low-res "
+                       "images to sample from (SampleInputs.lowres).")
+    if not self.is_sr and inputs.lowres is not None:
+      raise ValueError("This is a base stage: it takes no low-res images; "
+                       "leave SampleInputs.lowres unset.")
+    if (inputs.negative_text is None) != (inputs.negative_mask is None):
+      raise ValueError("Give negative_text and negative_mask together.")
+    if (inputs.init_image is None) != (start_logsnr is None):
+      raise ValueError("init_image and start_logsnr go together: the init "
+                       "image is noised to start_logsnr.")
+    for name in ("lowres", "negative_text", "negative_mask", "init_image"):
+      x = getattr(inputs, name)
+      if x is not None and x.shape[0] != b:
+        raise ValueError(f"{name} has {x.shape[0]} examples for {b} texts; "
+                         "give one per text.")
+
+  def uint8_sampler(self, settings: StageSettings, *,
                     start_logsnr: Optional[float] = None, progress_fn=None):
     """The sampling function the cascade and training's sample grids jit.
 
@@ -351,32 +389,16 @@ class Stage:
 
     Args:
       settings: sampler, steps, guidance, thresholding, aug level, eta.
-      guided: False runs the network once per step without guidance
-        (``settings.guidance_scale`` is then ignored).
-      start_logsnr: start from ``init`` noised to this level, not from noise.
+      start_logsnr: start from ``inputs.init_image`` noised to this level.
       progress_fn: host callback with the step index.
 
     Returns:
-      ``run(params, text, mask, neg_text, neg_mask, rng, lowres, init)`` ->
-      uint8 images ``[B, R, R, C]``. ``neg_text``/``neg_mask`` may be None
-      (null-text guidance); ``lowres`` is read by SR stages only and ``init``
-      only with ``start_logsnr``.
+      ``run(params, inputs, rng)`` -> uint8 images ``[B, R, R, C]``, with
+      ``inputs`` a ``SampleInputs``.
     """
-    s = settings
-
-    def run(params, text, mask, neg_text, neg_mask, rng, lowres, init):
-      kw = {}
-      if self.is_sr:
-        kw["lowres"] = lowres
-      if guided:
-        kw["negative_text"], kw["negative_mask"] = neg_text, neg_mask
-      if start_logsnr is not None:
-        kw["init_image"], kw["start_logsnr"] = init, start_logsnr
-      return to_uint8_image(self.sample(
-          params, text, mask, rng, sampler=s.sampler, num_steps=s.num_steps,
-          guidance_scale=s.guidance_scale if guided else 1.0,
-          threshold=s.threshold, percentile=s.percentile,
-          aug_level=s.aug_level, eta=s.eta, timesteps=s.timesteps,
-          threshold_max=s.threshold_max, progress_fn=progress_fn, **kw))
+    def run(params, inputs: SampleInputs, rng):
+      return to_uint8_image(self.sample(params, inputs, rng, settings,
+                                        start_logsnr=start_logsnr,
+                                        progress_fn=progress_fn))
 
     return run

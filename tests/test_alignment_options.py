@@ -15,7 +15,7 @@ from imagen_jax.data import shapes
 from imagen_jax.diffusion import guidance
 from imagen_jax.eval import diagnostics
 from imagen_jax.eval import suite as suite_lib
-from imagen_jax.stage import Stage
+from imagen_jax.stage import SampleInputs, Stage, StageSettings
 from imagen_jax.text import encoder as encoder_lib
 from tests import helpers
 
@@ -130,8 +130,10 @@ def test_residual_target_untrained_returns_upsampled_input():
   from imagen_jax import build  # pylint: disable=g-import-not-at-top
   params = stage.unet.init(jax.random.PRNGKey(0),
                            **build.unet_inputs(config, 2, 4))["params"]
-  out = stage.sample(params, text, mask, jax.random.PRNGKey(1), num_steps=3,
-                     lowres=lowres, threshold="static")
+  out = stage.sample(params, SampleInputs(text, mask, lowres=lowres),
+                     jax.random.PRNGKey(1),
+                     StageSettings(num_steps=3, guidance_scale=1.0,
+                                   threshold="static"))
   # The output conv starts at zero: an x0 network predicts residual 0, so the
   # sample is the network's own upsampling of the clean low-res input.
   want = jax.image.resize(jnp.asarray(lowres, jnp.float32) / 127.5 - 1.0,

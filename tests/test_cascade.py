@@ -1,16 +1,18 @@
 """Cascade: chaining checks, stages, determinism, one call per step, no
-recompilation, sharded == single-device, negative prompts, export."""
+recompilation, sharded == single-device, negative prompts, export; the
+validate / prepare / run_stage steps of ``sample`` and a stage's typed inputs."""
 
 import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import parallel
-from imagen_jax.stage import Stage
+from imagen_jax.stage import SampleInputs, Stage
 from tests import demo_fixture
 
 PROMPTS = ["a red circle", "two blue squares", "a green square above a red circle"]
@@ -197,3 +199,109 @@ def test_export_samples_like_the_workdir(workdir, cascade, tmp_path):
   np.testing.assert_array_equal(
       cascade.sample(PROMPTS, settings=st, seed=0)[-1],
       exported.sample(PROMPTS, settings=st, seed=0)[-1])
+
+
+def test_validate_refuses_before_any_work(cascade):
+  st = _settings(cascade, num_steps=2)
+  low = np.zeros((3, 8, 8, 3), np.uint8)
+  before = cascade.compilations
+  assert cascade.validate(3, st) == (0, 1)
+  assert cascade.validate(3, st, stop_after=0) == (0, 0)
+  assert cascade.validate(3, st, start_image=low, start_stage=1) == (1, 1)
+  assert cascade.validate(3, st, start_image=low, start_noise_level=0.5) == (0, 1)
+  for kwargs, message in [
+      (dict(stop_after=2), "do not exist"),
+      (dict(num_samples=0), "num_samples >= 1"),
+      (dict(negative_prompts=["x"]), "one per prompt"),
+      (dict(start_stage=1), "no input"),
+      (dict(start_image=low[:2], start_stage=1), "one per prompt"),
+      (dict(start_image=np.zeros((3, 16, 16, 3), np.uint8), start_stage=1),
+       "takes 8x8"),
+      (dict(start_image=low), "needs start_noise_level"),
+      (dict(start_image=low, start_noise_level=1.5), r"in \(0, 1\]"),
+      (dict(start_noise_level=0.5), "needs a start_image"),
+  ]:
+    with pytest.raises(cascade_lib.CascadeError, match=message):
+      cascade.validate(3, st, **kwargs)
+  with pytest.raises(cascade_lib.CascadeError, match="need 2"):
+    cascade.validate(3, st[:1])
+  with pytest.raises(cascade_lib.CascadeError, match="num_steps=0"):
+    cascade.validate(3, [dataclasses.replace(st[0], num_steps=0), st[1]])
+  assert cascade.compilations == before
+
+
+def test_prepare_repeats_pads_and_shards(workdir):
+  """3 prompts x 2 samples on 8 data-parallel devices: 6 rows + 2 padding."""
+  cas = cascade_lib.Cascade.load([os.path.join(workdir, "base"),
+                                  os.path.join(workdir, "sr")],
+                                 mesh_shape=(4, 2, 1))
+  low = np.random.RandomState(0).randint(0, 255, (3, 8, 8, 3)).astype(np.uint8)
+  batch = cas.prepare(PROMPTS, num_samples=2, negative_prompts=["x"] * 3,
+                      start_image=low)
+  assert batch.num_images == 6
+  text, mask = (np.asarray(x) for x in cas.encode(PROMPTS))
+  neg_text, _ = (np.asarray(x) for x in cas.encode(["x"] * 3))
+  rows = [0, 0, 1, 1, 2, 2, 2, 2]  # prompt-major, padded with the last row
+  inputs = batch.inputs
+  np.testing.assert_array_equal(np.asarray(inputs.text), text[rows])
+  np.testing.assert_array_equal(np.asarray(inputs.text_mask), mask[rows])
+  np.testing.assert_array_equal(np.asarray(inputs.negative_text), neg_text[rows])
+  np.testing.assert_array_equal(np.asarray(batch.start_image), low[rows])
+  assert inputs.lowres is None and inputs.init_image is None
+  for x in (inputs.text, inputs.text_mask, batch.start_image):
+    assert x.sharding.is_equivalent_to(
+        parallel.batch_sharding(cas.mesh, x.ndim), x.ndim)
+  plain = cas.prepare(PROMPTS[:1])
+  assert plain.num_images == 1 and plain.inputs.text.shape[0] == 8
+  assert plain.inputs.negative_text is None and plain.start_image is None
+
+
+def test_run_stage_is_one_stage_of_sample(cascade):
+  st = _settings(cascade, num_steps=3)
+  full = cascade.sample(PROMPTS, settings=st, seed=5)
+  batch = cascade.prepare(PROMPTS)
+  root = jax.random.PRNGKey(5)
+  base = cascade.run_stage(0, st[0], batch.inputs, None,
+                           jax.random.fold_in(root, 0))
+  np.testing.assert_array_equal(np.asarray(base)[:3], full[0])
+  sr = cascade.run_stage(1, st[1], batch.inputs, base,
+                         jax.random.fold_in(root, 1))
+  np.testing.assert_array_equal(np.asarray(sr)[:3], full[1])
+  with pytest.raises(cascade_lib.CascadeError, match="no input"):
+    cascade.run_stage(1, st[1], batch.inputs, None, root)
+
+
+def test_stage_checks_its_typed_inputs(cascade):
+  base, sr = (s.stage for s in cascade.stages)
+  width = int(cascade.stages[0].config.model.text_dim)
+  text, mask = jnp.zeros((2, 4, width)), jnp.ones((2, 4), bool)
+  low = jnp.zeros((2, 8, 8, 3), jnp.uint8)
+  sr.check_inputs(SampleInputs(text, mask, lowres=low))
+  base.check_inputs(SampleInputs(text, mask, init_image=low), start_logsnr=0.0)
+  for stage, inputs, logsnr, message in [
+      (sr, SampleInputs(text, mask), None, "super-resolution stage"),
+      (base, SampleInputs(text, mask, lowres=low), None, "base stage"),
+      (base, SampleInputs(text, mask, negative_text=text), None, "together"),
+      (base, SampleInputs(text, mask, init_image=low), None, "start_logsnr"),
+      (base, SampleInputs(text, mask), 0.0, "start_logsnr"),
+      (sr, SampleInputs(text, mask, lowres=low[:1]), None, "1 examples for 2"),
+      (base, SampleInputs(text, mask[:, :3]), None, "text_mask"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      stage.check_inputs(inputs, logsnr)
+  # A pytree: unset optional inputs are no leaves, so jit traces without them.
+  assert len(jax.tree_util.tree_leaves(SampleInputs(text, mask))) == 2
+  assert len(jax.tree_util.tree_leaves(SampleInputs(text, mask, lowres=low))) == 3
+
+
+def test_null_negative_prompt_is_null_text_guidance(cascade):
+  """A negative input of zeros with an all-False mask is the null text."""
+  base = cascade.stages[0]
+  st = _settings(cascade, num_steps=2, guidance_scale=3.0)[0]
+  text, mask = cascade.encode(PROMPTS)
+  fn = jax.jit(base.stage.uint8_sampler(st))
+  rng = jax.random.PRNGKey(0)
+  null = fn(base.params, SampleInputs(text, mask), rng)
+  neg = fn(base.params, SampleInputs(text, mask, negative_text=jnp.zeros_like(text),
+                                     negative_mask=jnp.zeros_like(mask)), rng)
+  np.testing.assert_array_equal(np.asarray(null), np.asarray(neg))

@@ -223,13 +223,15 @@ def test_ancestral_sampling_matches_if_pipeline(sr):
                           schedule="discrete_cosine",
                           aug_schedule="discrete_cosine")
   everything = jnp.ones((b, length), bool)    # IF's pipelines pass no mask
-  ours = stage.sample(
-      params, jnp.asarray(text), everything, jax.random.PRNGKey(0),
+  inputs = stage_lib.SampleInputs(
+      jnp.asarray(text), everything, lowres=jnp.asarray(low) if sr else None,
+      negative_text=jnp.asarray(neg), negative_mask=everything)
+  settings = stage_lib.StageSettings(
       sampler="ancestral", guidance_scale=7.0, threshold="dynamic",
-      percentile=95.0, threshold_max=1.5, negative_text=jnp.asarray(neg),
-      negative_mask=everything, lowres=jnp.asarray(low) if sr else None,
-      aug_level=0.25, timesteps="steps:" + ",".join(map(str, steps)),
-      noise=noise)
+      percentile=95.0, threshold_max=1.5, aug_level=0.25,
+      timesteps="steps:" + ",".join(map(str, steps)))
+  ours = stage.sample(params, inputs, jax.random.PRNGKey(0), settings,
+                      noise=noise)
   # Measured 2.5e-5 (float32 CPU, 6 steps, guidance 7, images in [-1, 1]).
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 

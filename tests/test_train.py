@@ -10,7 +10,7 @@ import pytest
 
 from imagen_jax import build
 from imagen_jax import host_malloc
-from imagen_jax.stage import Stage
+from imagen_jax.stage import SampleInputs, Stage, StageSettings
 from imagen_jax.train import loop
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
@@ -321,8 +321,9 @@ def test_periodic_sample_grids_use_ema_params_and_sample_settings(
   @jax.jit
   def expected(params, text, mask, rng):
     return to_uint8_image(stage.sample(
-        params, text, mask, rng, sampler="ddim", num_steps=3,
-        guidance_scale=2.0, eta=0.7))
+        params, SampleInputs(text, mask), rng,
+        StageSettings(sampler="ddim", num_steps=3, guidance_scale=2.0, eta=0.7,
+                      threshold="dynamic", percentile=99.5)))
 
   grids = []
   for params, batch, step, _ in calls:

@@ -31,7 +31,7 @@ from imagen_jax import images as images_lib
 from imagen_jax import parallel
 from imagen_jax.data import pipeline
 from imagen_jax.data import sources
-from imagen_jax.stage import Stage, StageSettings
+from imagen_jax.stage import SampleInputs, Stage, StageSettings
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train import optim
@@ -366,21 +366,18 @@ class _SampleGrid:
     self._num = int(config.num_samples)
     self._dir = os.path.join(workdir, "samples")
     self._mesh = mesh
-    self._fn = jax.jit(stage.uint8_sampler(
-        self._settings, guided=self._settings.guidance_scale != 1.0))
+    self._fn = jax.jit(stage.uint8_sampler(self._settings))
     self._is_sr = stage.is_sr
 
   def __call__(self, state, batch: dict, step: int, writer) -> None:
     n = min(self._num, batch["text"].shape[0])
     text = jnp.asarray(batch["text"][:n])
     mask = jnp.asarray(batch["text_mask"][:n])
-    # Unused inputs get 1-pixel stand-ins (the sampler never reads them).
-    lowres = (jnp.asarray(batch["lowres"][:n]) if self._is_sr
-              else jnp.zeros((n, 1, 1, 3), jnp.uint8))
+    inputs = SampleInputs(
+        text=text, text_mask=mask,
+        lowres=jnp.asarray(batch["lowres"][:n]) if self._is_sr else None)
     with parallel.sharding_context(self._mesh):
-      images = self._fn(state.ema_params, text, mask, None, None,
-                        jax.random.PRNGKey(step), lowres,
-                        jnp.zeros((n, 1, 1, 3), jnp.uint8))
+      images = self._fn(state.ema_params, inputs, jax.random.PRNGKey(step))
     images = np.asarray(jax.device_get(images))
     if jax.process_index() == 0:
       images_lib.save_grid(images, os.path.join(self._dir,
