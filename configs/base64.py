@@ -19,8 +19,7 @@ Expected cost (paper): 1.33 TFLOP per example forward (param_count tool), so
 ~4 TFLOP per example per step, ~8.2 PFLOP per step at batch 2048 and ~2e22
 FLOP for 2.5M steps: about 3.5 days on 512 TPU v4 chips at 50% MFU. The T5-XXL
 embed pass costs 1.2 TFLOP per caption, once.
-cpu variant: ~0.7 s per train step at batch 8, ~2.2 s at its batch 32, on 2 cores
-(benchmarks/RESULTS.md).
+cpu variant: step times on 2 CPU cores are in benchmarks/RESULTS.md.
 
 Parameter count and forward FLOPs (no memory is allocated):
   python -m imagen_jax.tools.param_count --config=configs/base64.py

@@ -11,11 +11,10 @@ aug levels ~ U[0, 1] in training, 0.2 at sampling (0.1-0.3 is best).
 Variants (``--config=configs/sr256.py:VARIANT``): paper (default), cpu
 (16 -> 64), tiny (8 -> 32, tests).
 
-cpu variant: 64/128/256 channels (10.5M params), ~0.8 s per train step at
-its batch 16 on 2 cores (1500 steps: ~20 min). Its base width is 64, as in
-base64:cpu: at 32 channels XLA:CPU's convolutions on the 64x64 maps run at
-a fraction of the machine's matmul speed and elementwise work dominates
-(0.25-0.39 of the matmul peak vs 0.49-0.53; benchmarks/RESULTS.md).
+cpu variant: 64/128/256 channels (10.5M params); step times are in
+benchmarks/RESULTS.md. Its base width is 64, as in base64:cpu, because at 32
+channels XLA:CPU's convolutions on the 64x64 maps run well below the
+machine's matmul speed and elementwise work dominates (measured there).
 
 Launch (paper, after the shared embed pass):
   launch/tpu_pod.sh --tpu=imagen-v4-512 --zone=us-central2-b -- \

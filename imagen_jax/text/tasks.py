@@ -14,17 +14,16 @@ Sources: any tfds dataset with an image and a caption feature (e.g.
 ``coco_captions``: image "image", caption "captions/text", one example per
 caption), TFRecord files of tf.train.Example (encoded image + caption), a
 folder of images with same-named .txt captions, and webdataset-style tar
-shards (jpg/png + txt, as img2dataset writes them).
+shards (jpg/png + txt, as img2dataset writes them); the last two are read by
+``imagen_jax.data.readers``.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
-import os
 import re
 import struct
-import tarfile
 from typing import Iterator, Optional
 
 import seqio
@@ -32,9 +31,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from imagen_jax import fileio
+from imagen_jax.data import readers
 from imagen_jax.text import vocab as vocab_lib
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # Builtin getters rather than lambdas: autograph cannot read the source of
 # several lambdas on one line and warns.
@@ -275,17 +273,6 @@ def _split_patterns(pattern: str) -> dict[str, str]:
 
 # --- image folder ---------------------------------------------------------------
 
-def folder_examples(folder: str) -> list[tuple[str, str]]:
-  """(image path, caption path) pairs under ``folder``, sorted by path."""
-  if not fileio.isdir(folder):
-    raise FileNotFoundError(f"Image folder {folder!r} does not exist.")
-  pairs = []
-  for img in fileio.walk_files(folder):
-    if img.lower().endswith(IMAGE_EXTENSIONS):
-      pairs.append((img, os.path.splitext(img)[0] + ".txt"))
-  return sorted(pairs)
-
-
 def register_folder_task(name: str, *, folder: str, vocab_path: str
                          ) -> seqio.Task:
   """A Task over a folder of images with same-named .txt captions.
@@ -294,16 +281,9 @@ def register_folder_task(name: str, *, folder: str, vocab_path: str
   """
   def dataset_fn(split, shuffle_files, seed=None):
     del split, shuffle_files, seed
-    pairs = folder_examples(folder)
-
-    def gen():
-      for img, txt in pairs:
-        cap = fileio.read_bytes(txt) if fileio.isfile(txt) else b""
-        data = fileio.read_bytes(img)
-        yield {"id": img[len(folder.rstrip("/")) + 1:], "caption": cap,
-               "image": data}
     sig = {k: tf.TensorSpec([], tf.string) for k in ("id", "caption", "image")}
-    return tf.data.Dataset.from_generator(gen, output_signature=sig)
+    return tf.data.Dataset.from_generator(readers.folder_reader(folder),
+                                          output_signature=sig)
 
   source = seqio.FunctionDataSource(dataset_fn, splits=["train"])
   pre = _preprocessors(_ID, _CAPTION, _IMAGE)
@@ -311,29 +291,6 @@ def register_folder_task(name: str, *, folder: str, vocab_path: str
 
 
 # --- webdataset tar shards ------------------------------------------------------
-
-def webdataset_examples(fileobj) -> list[dict]:
-  """Groups a tar's members by key (path without extension): image + txt."""
-  groups: dict[str, dict] = {}
-  order = []
-  with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-    for member in tar:
-      if not member.isfile():
-        continue
-      base, ext = os.path.splitext(member.name)
-      ext = ext.lower()
-      data = tar.extractfile(member).read()
-      if base not in groups:
-        groups[base] = {}
-        order.append(base)
-      if ext in IMAGE_EXTENSIONS:
-        groups[base]["image"] = data
-      elif ext == ".txt":
-        groups[base]["caption"] = data
-  return [{"id": k, "image": groups[k].get("image", b""),
-           "caption": groups[k].get("caption", b"")} for k in order
-          if "image" in groups[k]]
-
 
 def register_webdataset_task(name: str, *, file_pattern: str, vocab_path: str
                              ) -> seqio.Task:
@@ -346,14 +303,9 @@ def register_webdataset_task(name: str, *, file_pattern: str, vocab_path: str
     if not files:
       raise FileNotFoundError(f"No tar shards match {splits[split]!r}.")
 
-    def gen():
-      for path in files:
-        with fileio.open_file(path, "rb") as f:
-          for ex in webdataset_examples(f):
-            ex["id"] = f"{os.path.basename(path)}/{ex['id']}"
-            yield ex
     sig = {k: tf.TensorSpec([], tf.string) for k in ("id", "caption", "image")}
-    return tf.data.Dataset.from_generator(gen, output_signature=sig)
+    return tf.data.Dataset.from_generator(readers.webdataset_reader(files),
+                                          output_signature=sig)
 
   source = seqio.FunctionDataSource(dataset_fn, splits=list(splits))
   pre = _preprocessors(_ID, _CAPTION, _IMAGE)
