@@ -167,7 +167,7 @@ def _if_jax_worker(name: str, batch: int, timesteps: str) -> dict:
   import jax.numpy as jnp
   from imagen_jax import build, convert_if
   from imagen_jax.models.unet import UNet
-  from imagen_jax.stage import Stage, StageSettings
+  from imagen_jax.stage import SampleInputs, Stage, StageSettings
 
   cfg = _if_config(name)
   fields = convert_if.unet_config_to_model(cfg)
@@ -185,11 +185,11 @@ def _if_jax_worker(name: str, batch: int, timesteps: str) -> dict:
                            guidance_scale=IF_GUIDANCE, threshold="dynamic",
                            percentile=95.0, threshold_max=1.5)
   run = jax.jit(stage.uint8_sampler(settings))
-  neg = jnp.zeros_like(text)
+  inputs = SampleInputs(text, mask, negative_text=jnp.zeros_like(text),
+                        negative_mask=mask)
 
   def call(seed):
-    return run(params, text, mask, neg, mask, jax.random.PRNGKey(seed), None,
-               None).block_until_ready()
+    return run(params, inputs, jax.random.PRNGKey(seed)).block_until_ready()
 
   t = time.perf_counter()
   call(0)
