@@ -217,6 +217,10 @@ def _remove_tree(tree: str) -> None:
   import subprocess  # pylint: disable=g-import-not-at-top
   subprocess.run(["git", "-C", _ROOT, "worktree", "remove", "--force", tree],
                  check=False)
+  try:
+    os.rmdir(os.path.dirname(tree))
+  except OSError:
+    pass
 
 
 def _summary(info: dict, rounds: list[list[float]], result: dict) -> dict:
