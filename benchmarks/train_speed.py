@@ -20,6 +20,10 @@
    accelerator compiler's buffer assignment, not an extrapolation.
 3. Checkpoint stall: time the step loop is blocked by an async save vs the
    save's full duration, for the cpu base stage.
+4. Host memory of the train loop (``--host-rss``; alone with
+   ``--only-host-rss``): the tiny config for 2,000 steps on one device,
+   logging every 200; host RSS at each log (the loop's ``host_rss_gib``
+   scalar). Flat from step 200 on: the loop keeps no per-step lists.
 
 Targets: cpu step >= 50% of matmul FLOP/s; paper base at per-device batch 32
 fits 80 GB per device with remat; save stall < 10% of the save's duration.
@@ -225,8 +229,27 @@ def checkpoint_stall():
   return rows
 
 
+def host_rss(total: int = 2000, log_every: int = 200) -> list:
+  """Host RSS (MiB) at each log of a tiny run of ``total`` steps."""
+  from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_train_config(**{
+      "total_steps": total, "log_every": log_every, "checkpoint_every": total,
+      "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
+  with tempfile.TemporaryDirectory() as d:
+    t0 = time.perf_counter()
+    loop.train(config, d, progress=False)
+    elapsed = time.perf_counter() - t0
+    rss = helpers.read_scalars(d, "host_rss_gib")
+  first = rss[min(rss)]
+  return [[step, rss[step] * 1024, (rss[step] - first) * 1024,
+           elapsed if step == total else ""] for step in sorted(rss)]
+
+
 def main():
   parser = argparse.ArgumentParser()
+  parser.add_argument("--host-rss", action="store_true",
+                      help="also section 4: host RSS over 2,000 tiny steps")
+  parser.add_argument("--only-host-rss", action="store_true")
   parser.add_argument("--skip-paper", action="store_true")
   parser.add_argument("--paper-topology", default="",
                       help="compile the paper-scale step for this TPU "
@@ -248,6 +271,14 @@ def main():
   parser.add_argument("--paper-steps", type=int, default=5)
   args = parser.parse_args()
   print(common.machine_line())
+  if args.host_rss or args.only_host_rss:
+    rows = host_rss()
+    print("\n4. Host RSS of the train loop, tiny config, one device, log "
+          "every 200 steps")
+    common.print_table(["step", "host RSS MiB", "vs first log MiB",
+                        "run s"], rows)
+    if args.only_host_rss:
+      return
   if not args.only_paper:
     peaks = {d: common.matmul_peak_flops(dtype=jnp.dtype(d))
              for d in args.dtype.split(",")}

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any, Iterator
 
 
@@ -254,6 +255,7 @@ def local_copy(path: str) -> Iterator[str]:
 
 
 _CACHE_DIR: list[str] = []
+_CACHE_LOCK = threading.Lock()
 
 
 def cached_local_copy(path: str) -> str:
@@ -266,6 +268,11 @@ def cached_local_copy(path: str) -> str:
   """
   if not is_remote(path):
     return path
+  with _CACHE_LOCK:  # readers on several threads may ask for the same file
+    return _cached_local_copy_locked(path)
+
+
+def _cached_local_copy_locked(path: str) -> str:
   if not _CACHE_DIR:
     import atexit  # pylint: disable=g-import-not-at-top
     _CACHE_DIR.append(tempfile.mkdtemp(prefix="imagen_jax_cache_"))

@@ -36,7 +36,7 @@ def _flops_per_step(metrics, devices):
 def _one_device_losses(tmp):
   import pathlib
   out = _train(pathlib.Path(tmp), "one", **{
-      "total_steps": 5, "log_every": 5, "checkpoint_every": 5,
+      "total_steps": 5, "log_every": 1, "checkpoint_every": 5,
       "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
   return tuple(out["losses"]), out["state"], _flops_per_step(out["metrics"], 1)
 
@@ -46,7 +46,7 @@ def test_losses_equal_across_meshes(tmp_path_factory, shape):
   ref_losses, ref_state, ref_flops = _one_device_losses(
       str(tmp_path_factory.mktemp("ref")))
   out = _train(tmp_path_factory.mktemp("mesh"), "m", **{
-      "total_steps": 5, "log_every": 5, "checkpoint_every": 5,
+      "total_steps": 5, "log_every": 1, "checkpoint_every": 5,
       "mesh.shape": shape})
   np.testing.assert_allclose(out["losses"], ref_losses, rtol=2e-5, atol=1e-6)
   # TFLOP/s per device and MFU count the same step FLOPs on every mesh (a
@@ -136,8 +136,9 @@ def test_nan_guard_skips_bitwise_and_stops(tmp_path, monkeypatch):
   state, m = step(state, good)
   assert int(m["skipped"]) == 0 and int(jax.device_get(state.skipped)) == 0
 
-  # In the loop: K poisoned steps in a row stop the run with a clear error,
-  # and no non-finite state is checkpointed.
+  # In the loop: K poisoned steps in a row stop the run with a clear error
+  # within log_every steps of the K-th (the count is read at logs and saves
+  # only), and no non-finite state is checkpointed.
   from imagen_jax.data import sources
   real = sources.make_source
 
@@ -152,12 +153,16 @@ def test_nan_guard_skips_bitwise_and_stops(tmp_path, monkeypatch):
 
   monkeypatch.setattr(sources, "make_source", lambda *a, **k: Poisoned(real(*a, **k)))
   config = helpers.tiny_train_config(**{"max_consecutive_skips": 4,
-                                        "checkpoint_every": 2, "log_every": 1})
-  with pytest.raises(loop.NonFiniteError, match="4 consecutive steps"):
+                                        "checkpoint_every": 3, "log_every": 5})
+  # Steps 4-7 are the first four skips; the save at step 9 (before the log
+  # at 10) reads the count and refuses.
+  with pytest.raises(loop.NonFiniteError,
+                     match=r"6 consecutive steps .*at step 9\)"):
     loop.train(config, str(tmp_path / "nan"), progress=False)
   ck = Checkpointer(str(tmp_path / "nan"))
   steps = ck.all_steps()
-  assert steps and max(steps) <= 6
+  # 3 and 6 saved (6 had 3 skips), 9 refused (6 in a row).
+  assert steps == [3, 6]
   restored, _ = ck.restore(max(steps), *state_lib.state_shardings(
       stage.unet, build.unet_inputs(config, 1, 4), tx,
       parallel.make_mesh((8, 1, 1))))
@@ -194,6 +199,45 @@ def test_step_flops_count_the_whole_step_on_any_mesh():
     assert abs(per_device * np.prod(shape) / whole - 1) < 0.1, counts
 
 
+def test_steps_between_logs_never_read_the_device(tmp_path, monkeypatch):
+  """No device-to-host read between logs: steps are dispatched ahead.
+
+  The loop runs every step that neither logs, samples nor saves under
+  ``jax.transfer_guard_device_to_host("disallow_explicit")``. On a CPU a
+  "device" array is host memory and jax does not check the guard there, so
+  this test makes every device-to-host read (``ArrayImpl._value``, behind
+  ``device_get``, ``float()``, ``np.asarray``) check it as an accelerator
+  would: a run with sparse logs finishes, and a read slipped into a quiet
+  step raises.
+  """
+  from jax._src import array as array_lib  # pylint: disable=g-import-not-at-top
+  from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+  from imagen_jax.train import metrics as metrics_lib
+  real_value = array_lib.ArrayImpl._value
+  reads = {"allowed": 0}
+
+  def guarded_value(self):
+    if jax_config.transfer_guard_device_to_host.value == "disallow_explicit":
+      raise RuntimeError("Disallowed device-to-host transfer")
+    reads["allowed"] += 1
+    return real_value.fget(self)
+  monkeypatch.setattr(array_lib.ArrayImpl, "_value", property(guarded_value))
+  config = helpers.tiny_train_config(**{
+      "total_steps": 12, "log_every": 6, "checkpoint_every": 12,
+      "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
+  out = loop.train(config, str(tmp_path / "quiet"), progress=False)
+  assert out["step"] == 12 and len(out["losses"]) == 2
+  assert reads["allowed"] > 0  # the patch sees the reads at logs and saves
+  real_add = metrics_lib.Accumulator.add
+
+  def add_and_read(self, m, skip_run):
+    real_add(self, m, skip_run)
+    float(m["loss"])  # a per-step sync, as the loop once had
+  monkeypatch.setattr(metrics_lib.Accumulator, "add", add_and_read)
+  with pytest.raises(RuntimeError, match="Disallowed device-to-host"):
+    loop.train(config, str(tmp_path / "sync"), progress=False)
+
+
 def test_restore_on_a_different_mesh(tmp_path):
   workdir = str(tmp_path / "remesh")
   first = loop.train(helpers.tiny_train_config(**{
@@ -216,7 +260,7 @@ def test_restore_on_a_different_mesh(tmp_path):
     assert len(leaf.sharding.device_set) == n
   # And training continues on the new mesh from there.
   more = loop.train(helpers.tiny_train_config(**{
-      "total_steps": 8, "checkpoint_every": 8, "log_every": 2,
+      "total_steps": 8, "checkpoint_every": 8, "log_every": 1,
       "mesh.shape": (1, 4, 1), "mesh.num_devices": 4}), workdir, progress=False)
   assert more["step"] == 8 and len(more["losses"]) == 2
 

@@ -35,6 +35,39 @@ from imagen_jax import fileio
 from imagen_jax.train.state import TrainState, abstract_with_shardings
 
 
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of an array as uint32 words (one per element)."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+  if bits is None:  # 64-bit values: fold both halves
+    halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [N, 2]
+    return halves[:, 0] ^ (halves[:, 1] * jnp.uint32(0x9E3779B1))
+  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+
+
+@jax.jit
+def fingerprint(tree: Any) -> jax.Array:
+  """A checksum of every bit of a pytree of arrays: uint32 ``[2]``.
+
+  Per leaf, the wrapping sums of its words and of its words times their
+  positions; leaves combined with odd weights. Integer sums do not depend
+  on the order of reduction, so the value is the same on any mesh and
+  sharding. Stored with each checkpoint and compared on restore: orbax
+  checksums its array indexes but not the chunk data, so a corrupted byte
+  would otherwise restore as a wrong parameter.
+  """
+  total = jnp.zeros((2,), jnp.uint32)
+  for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+    w = _words(jnp.asarray(leaf))
+    pos = jnp.arange(1, w.shape[0] + 1, dtype=jnp.uint32)
+    pair = jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                      jnp.sum(w * pos, dtype=jnp.uint32)])
+    total = total + pair * jnp.uint32(2 * i + 1)
+  return total
+
+
 def checkpoint_dir(workdir: str) -> str:
   """Where a run's checkpoints live (a URL stays a URL)."""
   return fileio.join(fileio.abspath(workdir), "checkpoints")
@@ -131,6 +164,8 @@ class Checkpointer:
     return True
 
   def _orbax_save(self, step, state, meta, force) -> bool:
+    meta = dict(meta, fingerprint=[
+        int(v) for v in jax.device_get(fingerprint(state))])
     return self.manager.save(
         int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -149,6 +184,12 @@ class Checkpointer:
     target = abstract_with_shardings(abstract, shardings)
     out = self.manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    expected = out.meta.get("fingerprint")
+    if expected is not None:
+      got = [int(v) for v in jax.device_get(fingerprint(out.state))]
+      if got != list(expected):
+        raise ValueError(f"step {step} reads back with checksum {got}, "
+                         f"saved with {expected}: its array data is damaged")
     return out.state, out.meta
 
   def restore_latest(self, abstract: TrainState, shardings: TrainState

@@ -189,8 +189,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       total_steps; for tests and staged runs.
 
   Returns:
-    {"step": last step, "metrics": last logged metrics, "losses": per-step
-    losses of this invocation}.
+    {"step": last step, "metrics": last logged metrics, "losses": the mean
+    loss of each log window of this invocation (one per ``log_every`` steps,
+    and one for a last, shorter window), "state": the final train state}.
 
   Raises:
     ConfigError: bad config (caller reports it in one line, exit code 2).
@@ -272,10 +273,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                  depth=int(config.prefetch))
   flops = 0.0
   throughput = None
-  history: list = []
+  accumulated = metrics_lib.Accumulator()
   n_devices = len(devices)
+  # Mean loss of each log window of this invocation (host floats, one per
+  # log_every steps).
   losses: list = []
   last_metrics: dict = {}
+  max_skips = int(config.max_consecutive_skips)
+  log_every = int(config.log_every)
+  checkpoint_every = int(config.checkpoint_every)
+  sample_every = int(config.sample_every)
   stop = min(total, stop_at) if stop_at else total
   eval_batch = None
   sample_grid = None
@@ -285,10 +292,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           f"batch {config.batch_size}, mesh {dict(mesh.shape)}, "
           f"{build.count_params(state.params) / 1e6:.2f}M params", flush=True)
 
+  last_saved = [None]
+
+  def check_skips(step: int, run: int) -> None:
+    if run >= max_skips:
+      raise NonFiniteError(
+          f"{run} consecutive steps had a non-finite loss or gradient (seen "
+          f"at step {step}); lower the learning rate or check the data. The "
+          "last checkpoint is intact.")
+
   def save(step: int, reason: str):
-    if not bool(jax.device_get(state_lib.is_finite_tree(state.params))):
+    finite, run = jax.device_get((state_lib.is_finite_tree(state.params),
+                                  state.skipped))
+    if not bool(finite):
       raise NonFiniteError(f"Refusing to checkpoint a non-finite state at "
                            f"step {step}.")
+    check_skips(step, int(run))
+    last_saved[0] = step
     ckpt.save(step, state, {"data_position": position, "step": step,
                             "batch_size": int(config.batch_size),
                             "reason": reason})
@@ -297,50 +317,57 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     with _SigtermFlag() as sigterm:
       step = start_step
       while step < stop:
-        batch = _global_batch(prefetch.get(position), mesh)
-        if flops == 0.0 and step == start_step:
-          flops = metrics_lib.step_flops(step_fn.lowered(state, batch))
-          throughput = metrics_lib.Throughput(int(config.batch_size), flops,
-                                              peak, n_devices)
-        state, m = step_fn(state, batch)
-        step += 1
-        position += 1
-        history.append(m)
-        losses.append(m["loss"])
-        throughput.add()
-        if int(jax.device_get(state.skipped)) >= int(config.max_consecutive_skips):
-          raise NonFiniteError(
-              f"{int(jax.device_get(state.skipped))} consecutive steps had a "
-              f"non-finite loss or gradient (step {step}); lower the learning "
-              "rate or check the data. The last checkpoint is intact.")
-        if step % int(config.log_every) == 0 or step == stop:
-          last_metrics = metrics_lib.reduce_metrics(history,
-                                                    int(config.loss_buckets))
-          last_metrics.update(throughput.summary())
-          last_metrics.update(metrics_lib.memory_stats())
-          last_metrics["total_skipped_steps"] = float(
-              jax.device_get(state.total_skipped))
-          writer.write_scalars(step, last_metrics)
-          writer.flush()
-          if progress and jax.process_index() == 0:
-            rate = last_metrics.get("steps_per_sec", 0)
-            eta = (stop - step) / rate if rate else None
-            print(metrics_lib.format_line(step, total, last_metrics, eta),
-                  flush=True)
-          history = []
-          throughput.reset()
-        if int(config.sample_every) and step % int(config.sample_every) == 0:
-          if eval_batch is None:
-            eval_batch = source.local_batch(0)
-          if sample_grid is None:
-            sample_grid = _SampleGrid(stage, config, workdir, mesh)
-          sample_grid(state, eval_batch, step, writer)
+        now_log = (step + 1) % log_every == 0 or step + 1 == stop
+        now_sample = bool(sample_every) and (step + 1) % sample_every == 0
+        now_save = (step + 1) % checkpoint_every == 0 or step + 1 == stop
+        # Steps that neither log, sample nor save only dispatch work: a
+        # device-to-host read in one would make the host wait for the step
+        # (no run-ahead), so the guard turns any such read into an error.
+        # The first step compiles, and lowering reads the constants the step
+        # closes over (its base key): a one-off read, allowed.
+        quiet = step != start_step and not (now_log or now_sample or now_save)
+        with jax.transfer_guard_device_to_host(
+            "disallow_explicit" if quiet else "allow"):
+          batch = _global_batch(prefetch.get(position), mesh)
+          if flops == 0.0 and step == start_step:
+            flops = metrics_lib.step_flops(step_fn.lowered(state, batch))
+            throughput = metrics_lib.Throughput(int(config.batch_size), flops,
+                                                peak, n_devices)
+          state, m = step_fn(state, batch)
+          accumulated.add(m, state.skipped)
+          step += 1
+          position += 1
+          throughput.add()
+          if now_log:
+            # Reading the sums waits for the steps: the rate is right too.
+            last_metrics, run = accumulated.read(int(config.loss_buckets))
+            check_skips(step, run)
+            losses.append(last_metrics["loss"])
+            last_metrics.update(throughput.summary())
+            last_metrics.update(metrics_lib.memory_stats())
+            last_metrics["total_skipped_steps"] = float(
+                jax.device_get(state.total_skipped))
+            writer.write_scalars(step, last_metrics)
+            writer.flush()
+            if progress and jax.process_index() == 0:
+              rate = last_metrics.get("steps_per_sec", 0)
+              eta = (stop - step) / rate if rate else None
+              print(metrics_lib.format_line(step, total, last_metrics, eta),
+                    flush=True)
+            throughput.reset()
+          if now_sample:
+            if eval_batch is None:
+              eval_batch = source.local_batch(0)
+            if sample_grid is None:
+              sample_grid = _SampleGrid(stage, config, workdir, mesh)
+            sample_grid(state, eval_batch, step, writer)
+          if now_save and not sigterm.raised:
+            save(step, "periodic" if step < stop else "final")
         if sigterm.raised:
-          save(step, "preempted")
+          if last_saved[0] != step:
+            save(step, "preempted")
           ckpt.wait()
           raise Preempted(step)
-        if step % int(config.checkpoint_every) == 0 or step == stop:
-          save(step, "periodic" if step < stop else "final")
     ckpt.wait()
   finally:
     prefetch.close()
@@ -348,8 +375,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
   if progress and jax.process_index() == 0:
     print(f"done: step {step}, {time.perf_counter() - t_start:.1f}s", flush=True)
-  return {"step": step, "metrics": last_metrics,
-          "losses": [float(x) for x in jax.device_get(losses)], "state": state}
+  return {"step": step, "metrics": last_metrics, "losses": losses,
+          "state": state}
 
 
 class _SampleGrid:

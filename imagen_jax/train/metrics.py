@@ -7,6 +7,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Dense peak FLOP/s per chip for bf16 matmuls (vendor figures).
@@ -157,21 +158,63 @@ class Throughput:
     return out
 
 
-def reduce_metrics(history: list[dict[str, Any]], buckets: int) -> dict[str, float]:
-  """Means of per-step metrics; bucket losses weighted by their counts."""
-  if not history:
-    return {}
-  host = jax.device_get(history)
+def _accumulate(acc: dict, m: dict, skip_run: jax.Array) -> dict:
+  """acc + one step's metrics (bucket losses weighted by their counts)."""
   out = {}
-  for key in ("loss", "grad_norm", "learning_rate"):
-    out[key] = float(np.mean([h[key] for h in host]))
-  out["skipped_steps"] = float(np.sum([h["skipped"] for h in host]))
-  for i in range(buckets):
-    counts = np.array([h[f"count_t{i}"] for h in host], np.float64)
-    if counts.sum() > 0:
-      vals = np.array([h[f"loss_t{i}"] for h in host], np.float64)
-      out[f"loss_t{i}"] = float((vals * counts).sum() / counts.sum())
+  for key, value in m.items():
+    value = jnp.asarray(value, jnp.float32)
+    if key.startswith("loss_t"):
+      value = value * jnp.asarray(m["count_t" + key[len("loss_t"):]],
+                                  jnp.float32)
+    out[key] = acc[key] + value
+  out["steps"] = acc["steps"] + 1.0
+  out["max_skip_run"] = jnp.maximum(acc["max_skip_run"],
+                                    jnp.asarray(skip_run, jnp.float32))
   return out
+
+
+_accumulate_jit = jax.jit(_accumulate, donate_argnums=0)
+
+
+class Accumulator:
+  """Sums of the per-step metrics between two logs, kept on the device.
+
+  ``add`` dispatches one small jitted sum and returns at once: nothing is
+  read back until ``read`` (at a log interval), so steps are dispatched
+  ahead, and host memory does not grow with the number of steps. The sums
+  are float32 on the device (a log window of up to ~10^5 steps loses no
+  digit a progress line shows).
+  """
+
+  def __init__(self):
+    self._acc: Optional[dict] = None
+
+  def add(self, m: dict, skip_run: jax.Array) -> None:
+    """Adds one step's metrics; ``skip_run`` is the consecutive-skip count."""
+    if self._acc is None:
+      self._acc = {k: jnp.zeros((), jnp.float32)
+                   for k in list(m) + ["steps", "max_skip_run"]}
+    self._acc = _accumulate_jit(self._acc, m, skip_run)
+
+  def read(self, buckets: int) -> tuple[dict[str, float], int]:
+    """(means since the last read, longest run of consecutive skips); resets.
+
+    Means of loss, grad_norm and learning_rate; ``skipped_steps`` is a sum;
+    ``loss_t{i}`` is the count-weighted mean of the buckets that had any.
+    """
+    if self._acc is None:
+      return {}, 0
+    host = {k: float(v) for k, v in jax.device_get(self._acc).items()}
+    self._acc = None
+    n = max(host["steps"], 1.0)
+    out = {key: host[key] / n for key in ("loss", "grad_norm", "learning_rate")
+           if key in host}
+    out["skipped_steps"] = host.get("skipped", 0.0)
+    for i in range(buckets):
+      count = host.get(f"count_t{i}", 0.0)
+      if count > 0:
+        out[f"loss_t{i}"] = host[f"loss_t{i}"] / count
+    return out, int(host["max_skip_run"])
 
 
 def create_writer(workdir: str):
