@@ -180,7 +180,7 @@ def story(tmp_path_factory):
     assert set(killed_in_save) & _uncommitted_steps(server), killed_in_save
     b = subprocess.run(cmd + ["B", local], cwd=cwd, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       timeout=600)
+                       timeout=1500)
     out_b = b.stdout.decode(errors="replace")
     assert b.returncode == 0, out_b[-3000:]
     result = json.loads(next(l for l in out_b.splitlines()
