@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.kernels import reference
+
 # Rows folded into one wide row before the column sum; measured on XLA:CPU
 # (jaxlib 0.10) at the U-Net's shapes: 128 for whole-tensor sums, 64 when the
 # batch axis is kept. Narrower views stay slow, wider ones gain nothing.
@@ -162,9 +164,7 @@ def modulate(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
   Returns:
     ``[B, H, W, C]`` in the dtype of ``x``.
   """
-  scale = scale.astype(x.dtype)[:, None, None, :]
-  shift = shift.astype(x.dtype)[:, None, None, :]
-  return x * (1 + scale) + shift
+  return reference.modulate(x, scale, shift)
 
 
 def _modulate_fwd(x, scale, shift):

@@ -31,9 +31,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.kernels import reference
 from imagen_jax.kernels.channel_sum import channel_sum_per_example
 
-ACTIVATIONS = (None, "silu")
 
 
 def _group_stats(xf: jax.Array, groups: int, eps: float
@@ -163,13 +163,8 @@ def group_norm_act(x: jax.Array, scale: jax.Array, shift: jax.Array, *,
   Returns:
     ``[B, H, W, C]`` in ``dtype``.
   """
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"group_norm_act: activation={activation!r}; use one of "
-                     f"{ACTIVATIONS}.")
+  reference.check_group_norm(x, num_groups, activation)
   bsz, h, w, c = x.shape
-  if c % num_groups:
-    raise ValueError(f"GroupNorm: {c} channels are not divisible into "
-                     f"{num_groups} groups; set num_groups to a divisor of {c}.")
   scale = jnp.broadcast_to(scale.astype(jnp.float32), (bsz, c))
   shift = jnp.broadcast_to(shift.astype(jnp.float32), (bsz, c))
   y = _fused(x.reshape(bsz, h * w, c), scale, shift, num_groups,
