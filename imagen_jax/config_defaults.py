@@ -435,6 +435,10 @@ def stage_schema() -> dict:
       keep_checkpoints=Field(3, "orbax max_to_keep", min=1),
       keep_period=Field(0, "also keep every N-th step forever (0: off)", min=0),
       async_checkpoints=Field(True, "write checkpoints in the background"),
+      checkpoint_snapshot=Field(
+          "auto", "on-device copy of the state at saves, so the loop does "
+          "not wait for the host copy (auto: where it fits beside the step)",
+          choices=("auto", "always", "never")),
       sample_every=Field(5000, "steps between sample grids (0: off)", min=0),
       num_samples=Field(8, "images in a sample grid", min=1),
       init_from=Field("", "params (EMA) of another run to start from"),

@@ -248,7 +248,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(config.keep_checkpoints),
                                keep_period=int(config.keep_period),
-                               async_save=bool(config.async_checkpoints))
+                               async_save=bool(config.async_checkpoints),
+                               snapshot=str(config.checkpoint_snapshot))
   restored = ckpt.restore_latest(abstract, shardings)
   if restored is not None:
     latest, state, meta = restored
@@ -265,7 +266,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           jnp.copy, params))
       logging.info("initialised params from %s", config.init_from)
   start_step = int(jax.device_get(state.step))
-  ckpt.prepare(state)
 
   step_fn = make_train_step(stage, tx, lr_schedule, config, mesh, shardings)
   writer = metrics_lib.create_writer(workdir)
@@ -331,6 +331,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           batch = _global_batch(prefetch.get(position), mesh)
           if flops == 0.0 and step == start_step:
             flops = metrics_lib.step_flops(step_fn.lowered(state, batch))
+            # Whether a save's snapshot fits beside the step is decided from
+            # the step's compiled peak (the compile is the first step's).
+            ckpt.prepare(state, metrics_lib.compiled_peak_bytes(
+                step_fn.compiled(state, batch)))
             throughput = metrics_lib.Throughput(int(config.batch_size), flops,
                                                 peak, n_devices)
           state, m = step_fn(state, batch)

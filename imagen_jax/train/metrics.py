@@ -108,6 +108,25 @@ def step_flops(lowered) -> float:
     return 0.0
 
 
+def compiled_peak_bytes(compiled) -> Optional[int]:
+  """A compiled program's peak memory per device, from XLA's analysis.
+
+  Arguments + temporaries + outputs, less the outputs that reuse donated
+  arguments' buffers.
+
+  Args:
+    compiled: a ``jax.stages.Compiled``.
+
+  Returns:
+    Bytes, or None where the backend gives no analysis.
+  """
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+             + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+
+
 def memory_stats() -> dict[str, float]:
   """Host RSS and, where the backend reports it, device memory in GiB."""
   out = {}
