@@ -55,6 +55,7 @@ def test_snapshot_and_orbax_paths_write_the_same_checkpoint(tmp_path,
   assert small and large
   metas, restored = {}, {}
   for mode in ("always", "never"):
+    state, _, _ = _state((1, 8, 1))  # the same values each time
     ck = ckpt_lib.Checkpointer(str(tmp_path / mode), snapshot=mode)
     ck.prepare(state)
     assert ck.uses_snapshot() == (mode == "always")
