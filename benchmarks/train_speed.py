@@ -18,15 +18,33 @@
    on this CPU-only machine (needs ``libtpu``, which jax pins, in a separate
    environment: ``bash benchmarks/setup_tpu_aot_env.sh``). That is the real
    accelerator compiler's buffer assignment, not an extrapolation.
-3. Checkpoint stall: time the step loop is blocked by an async save vs the
-   save's full duration, for the cpu base stage.
+3. Checkpoint saves inside a step loop (``--only-saves`` alone): for the
+   tiny state on 1 and on 8 devices (mesh fsdp=8) and the cpu base stage on
+   one device, real train steps with a save every ``--save-every`` steps
+   (an interval longer than a save); per save, the time ``save`` held the
+   loop (``Checkpointer.timings``: the wait for the step that produced the
+   state, the host copy of the packed leaves, the snapshot's dispatch) and
+   the time from the ``save`` call to orbax's commit.
 4. Host memory of the train loop (``--host-rss``; alone with
    ``--only-host-rss``): the tiny config for 2,000 steps on one device,
    logging every 200; host RSS at each log (the loop's ``host_rss_gib``
    scalar). Flat from step 200 on: the loop keeps no per-step lists.
+5. The paper base stage's peak per device with and without the checkpoint
+   snapshot (``--snapshot-paper``; alone with ``--only-snapshot-paper``):
+   the snapshot program (a copy of the state's large leaves) is lowered and
+   compiled on the paper state's abstract shapes and shardings (eval_shape,
+   nothing allocated) on 1 device and on fsdp=8; its
+   ``memory_analysis()`` output is the copy's size per device. The train
+   step's own peak is not compiled here (the paper step takes XLA:CPU
+   20-25 minutes): pass the measured or TPU-compiled figures with
+   ``--paper-step-peak-gib=DEVICES:GIB,...``. Where they are given, each
+   row also says what ``checkpoint.snapshot_fits`` decides for an 80 GB
+   device.
 
 Targets: cpu step >= 50% of matmul FLOP/s; paper base at per-device batch 32
-fits 80 GB per device with remat; save stall < 10% of the save's duration.
+fits 80 GB per device with remat; a tiny state commits in < 1 s on one
+device, and a save whose interval is longer than the save holds the loop
+for no more than a step.
 """
 
 from __future__ import annotations
@@ -203,29 +221,103 @@ def paper_run(remat: str, per_device_batch: int, steps: int, bf16_peak: float):
           "yes" if used < TARGET_DEVICE_BYTES else "NO", compile_secs]
 
 
-def checkpoint_stall():
-  config = helpers.load_config("base64", "cpu")
-  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+def save_timings(name: str, variant: str, devices: int, steps: int,
+                 every: int, batch: int) -> list:
+  """Per-save timings of a step loop that saves every ``every`` steps.
+
+  Args:
+    name: "tiny" (configs/tiny.py) or a configs/ stage name (its cpu
+      variant).
+    variant: the config's variant (ignored for "tiny").
+    devices: devices of the mesh (fsdp over all of them).
+    steps: train steps in all.
+    every: steps between saves.
+    batch: global batch.
+
+  Returns:
+    Table rows, one per save.
+  """
+  config = (helpers.tiny_train_config() if name == "tiny"
+            else helpers.load_config(name, variant))
+  config.batch_size = batch
+  label = "tiny" if name == "tiny" else f"{name}:{variant}"
+  mesh = parallel.make_mesh((1, devices, 1), jax.devices()[:devices])
   stage, tx, lr, abstract, sh = _setup(config, mesh)
   state = state_lib.init_state(stage.unet, config, tx, mesh, sh,
                                jax.random.PRNGKey(0))
+  step = make_train_step(stage, tx, lr, config, mesh, sh)
+  b = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim))
+       for k, v in _batch(config, batch, 16).items()}
+  peak = metrics_lib.compiled_peak_bytes(step.compiled(state, b))
+  leaves = jax.tree_util.tree_leaves(state)
   rows = []
   with tempfile.TemporaryDirectory() as d:
-    ck = Checkpointer(d, max_to_keep=10)
-    # As the train loop does at start: compile the snapshot copy up front.
-    ck.prepare(state)
-    ck.wait()
-    for i in range(1, 5):
-      t0 = time.perf_counter()
-      ck.save(i, state, {"data_position": i})
-      blocked = time.perf_counter() - t0
-      ck.wait()
-      total = time.perf_counter() - t0
-      size = sum(os.path.getsize(os.path.join(r, f))
-                 for r, _, fs in os.walk(os.path.join(d, "checkpoints", str(i)))
-                 for f in fs)
-      rows.append([i, size / 2**20, blocked, total, blocked / total])
+    ck = Checkpointer(d, max_to_keep=3)
+    # As the train loop does after its first compile.
+    ck.prepare(state, peak)
+    t0 = time.perf_counter()
+    for i in range(1, steps + 1):
+      state, _ = step(state, b)
+      if i % every == 0:
+        ck.save(i, state, {"data_position": i})
+    jax.block_until_ready(state)
+    loop_s = time.perf_counter() - t0
     ck.close()
+    for k, t in enumerate(ck.timings):
+      rows.append([label, devices, len(leaves),
+                   sum(x.nbytes for x in leaves) / 2**20, t["step"],
+                   "yes" if t["snapshot"] else "no", t["blocked_s"],
+                   t["commit_s"], loop_s / steps if k == 0 else ""])
+  return rows
+
+
+def paper_snapshot(step_peaks: dict) -> list:
+  """The paper base stage's snapshot size per device, compiled on shapes.
+
+  Args:
+    step_peaks: {devices: the train step's peak GiB per device} (may be
+      empty): measured or compiled elsewhere.
+
+  Returns:
+    Table rows.
+  """
+  from imagen_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  config = helpers.load_config("base64", "paper")
+  rows = []
+  for n in (1, 8):
+    if n > len(jax.devices()):
+      continue
+    mesh = parallel.make_mesh((1, n, 1), jax.devices()[:n])
+    t = time.perf_counter()
+    _, _, _, abstract, sh = _setup(config, mesh)
+    target = jax.tree_util.tree_leaves(
+        state_lib.abstract_with_shardings(abstract, sh))
+    large = [x for x in target if ckpt_lib._nbytes(x) > ckpt_lib.PACK_LEAF_BYTES]  # pylint: disable=protected-access
+    compiled = jax.jit(lambda tree: [jnp.copy(x) for x in tree]).lower(
+        large).compile()
+    copy = compiled.memory_analysis().output_size_in_bytes
+    secs = time.perf_counter() - t
+    packed = sum(ckpt_lib._nbytes(x) for x in target) - sum(  # pylint: disable=protected-access
+        ckpt_lib._nbytes(x) for x in large)  # pylint: disable=protected-access
+    step_gib = step_peaks.get(n)
+    row = [f"base64:paper fsdp={n}", len(target), len(large),
+           packed / 2**20, copy / 2**30]
+    if step_gib is None:
+      row += ["", "", "", ""]
+    else:
+      with_copy = step_gib + copy / 2**30
+
+      class _Device:
+        device_kind = "80 GB device"
+
+        def memory_stats(self):
+          return {"bytes_limit": TARGET_DEVICE_BYTES}
+
+      fits, _ = ckpt_lib.snapshot_fits(copy, int(step_gib * 2**30), _Device())
+      row += [step_gib, with_copy,
+              "yes" if with_copy * 2**30 < TARGET_DEVICE_BYTES else "NO",
+              "snapshot" if fits else "orbax host copy"]
+    rows.append(row + [secs])
   return rows
 
 
@@ -269,8 +361,36 @@ def main():
                       "the devices present (needs an accelerator: 60 GiB "
                       "on one device at batch 32 without remat)")
   parser.add_argument("--paper-steps", type=int, default=5)
+  parser.add_argument("--only-saves", action="store_true",
+                      help="only section 3 (checkpoint saves)")
+  parser.add_argument("--save-steps", type=int, default=200)
+  parser.add_argument("--save-every", type=int, default=40)
+  parser.add_argument("--tiny-batch", type=int, default=8)
+  parser.add_argument("--snapshot-paper", action="store_true",
+                      help="also section 5: paper base peak with and without "
+                      "the checkpoint snapshot")
+  parser.add_argument("--only-snapshot-paper", action="store_true")
+  parser.add_argument("--paper-step-peak-gib", default="",
+                      help="the paper step's peak GiB per device, measured "
+                      "or compiled elsewhere, as DEVICES:GIB,...")
   args = parser.parse_args()
   print(common.machine_line())
+  if args.snapshot_paper or args.only_snapshot_paper:
+    peaks = {int(k): float(v) for k, v in (
+        item.split(":") for item in args.paper_step_peak_gib.split(",")
+        if item)}
+    print("\n5. Paper base stage: checkpoint snapshot per device (copy "
+          "program compiled on the state's abstract shapes; step peak as "
+          "given)")
+    common.print_table(["config", "arrays", "large arrays", "packed MiB",
+                        "snapshot GiB", "step peak GiB", "with snapshot GiB",
+                        "with snapshot fits 80 GB", "auto saves by",
+                        "eval_shape+compile s"], paper_snapshot(peaks))
+    if args.only_snapshot_paper:
+      return
+  if args.only_saves:
+    saves(args)
+    return
   if args.host_rss or args.only_host_rss:
     rows = host_rss()
     print("\n4. Host RSS of the train loop, tiny config, one device, log "
@@ -331,9 +451,23 @@ def main():
                           "fits 80 GB", "compile s"], rows)
   if args.only_paper:
     return
-  rows = checkpoint_stall()
-  print("\n3. Async checkpoint of the cpu base stage: loop blocked vs full save")
-  common.print_table(["save", "MiB", "blocked s", "save s", "stall fraction"],
+  saves(args)
+
+
+def saves(args) -> None:
+  """Section 3: per-save timings inside step loops."""
+  rows = save_timings("tiny", "", 1, args.save_steps, args.save_every,
+                      args.tiny_batch)
+  if len(jax.devices()) >= 8:
+    rows += save_timings("tiny", "", 8, args.save_steps, args.save_every,
+                         args.tiny_batch)
+  rows += save_timings("base64", "cpu", 1, args.save_steps // 2,
+                       args.save_every // 2, args.batch)
+  print(f"\n3. Checkpoint saves in a step loop (save every "
+        f"{args.save_every} steps; cpu base every {args.save_every // 2}): "
+        "loop blocked by the save call vs save call to commit")
+  common.print_table(["state", "devices", "arrays", "MiB", "step",
+                      "snapshot", "blocked s", "to commit s", "loop s/step"],
                      rows)
 
 

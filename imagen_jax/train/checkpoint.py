@@ -55,6 +55,24 @@ from imagen_jax import fileio
 from imagen_jax.train.state import TrainState, abstract_with_shardings
 
 
+# Leaves up to this size are packed into one host buffer per dtype. Above
+# it, orbax's fixed cost per array is small beside the array's own write,
+# and a host copy on the loop's thread would no longer be short.
+PACK_LEAF_BYTES = 1 << 20
+
+# The snapshot's policy (``config.checkpoint_snapshot``).
+SNAPSHOT_MODES = ("auto", "always", "never")
+
+# The fraction of a device's memory a step and a snapshot may use together:
+# the allocator needs room for fragmentation, and XLA's figures leave out
+# the runtime's own buffers.
+SNAPSHOT_HEADROOM = 0.9
+
+
+def _nbytes(leaf) -> int:
+  return int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+
 def _words(x: Any, xp: Any = jnp) -> Any:
   """The bits of an array as flat uint32 words (one per element).
 
@@ -232,20 +250,6 @@ def latest_step(workdir: str) -> Optional[int]:
   return steps[-1] if steps else None
 
 
-# Leaves up to this size are packed into one host buffer per dtype: above
-# it, an array's own write costs less than a millisecond per array is worth,
-# and the host copy would no longer be small.
-PACK_LEAF_BYTES = 1 << 20
-
-# The snapshot's policy (``config.checkpoint_snapshot``).
-SNAPSHOT_MODES = ("auto", "always", "never")
-
-# The fraction of a device's memory a step and a snapshot may use together:
-# the allocator needs room for fragmentation, and XLA's figures leave out
-# the runtime's own buffers.
-SNAPSHOT_HEADROOM = 0.9
-
-
 def _path_keys(path) -> tuple:
   """A key path as strings: the nesting a leaf is saved under."""
   out = []
@@ -261,10 +265,6 @@ def _path_keys(path) -> tuple:
     else:
       out.append(str(k))
   return tuple(out)
-
-
-def _nbytes(leaf) -> int:
-  return int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
 
 
 def _nest(items) -> dict:
