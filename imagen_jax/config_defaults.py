@@ -238,6 +238,9 @@ MODEL = dict(
     ff_mult=Field(0, "MLP width multiplier in attention blocks (0: none)", min=0),
     text_dim=Field(4096, "width of the text embeddings (T5 d_model)", min=1),
     cond_dim=Field(512, "width text is projected to for cross-attention", min=1),
+    text_layers=Field(0, "trainable Transformer layers (with sinusoidal "
+                      "positions) over the projected text before the "
+                      "U-Net reads it (0: Imagen's projection alone)", min=0),
     emb_dim=Field(0, "time/conditioning embedding width (0: 4 x base_channels)",
                   min=0),
     in_channels=Field(3, "image channels", min=1),

@@ -202,9 +202,22 @@ def noise_level_embedding(logsnr: jax.Array, dim: int) -> jax.Array:
   """
   logsnr = jnp.clip(logsnr.astype(jnp.float32), -20.0, 20.0)
   t = jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * math.pi) * 1000.0
+  return sinusoidal(t, dim)
+
+
+def sinusoidal(values: jax.Array, dim: int) -> jax.Array:
+  """Transformer sinusoids of scalars (timesteps, positions).
+
+  Args:
+    values: ``[N]`` scalars.
+    dim: embedding width (even).
+
+  Returns:
+    ``[N, dim]`` float32: sines then cosines over geometric frequencies.
+  """
   half = dim // 2
   freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t[:, None] * freqs[None]
+  args = values.astype(jnp.float32)[:, None] * freqs[None]
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
@@ -474,3 +487,38 @@ class AttentionPool(nn.Module):
     pooled = layer_norm(self.dtype, name="norm")(pooled + mean.astype(pooled.dtype))
     return dense(self.features, self.dtype, kernels=self.kernels,
                  name="proj")(pooled)
+
+
+class TextTransformer(nn.Module):
+  """Trainable pre-norm Transformer layers over the frozen text embeddings.
+
+  The frozen encoder's tokens are what the U-Net's cross-attention keys are
+  made of; when they carry little word order (a random-weight or small
+  encoder), cross-attention sees nearly a bag of words and cannot bind
+  "left of" to the right object. These layers add sinusoidal positions and
+  let the stage learn that mixing. Residual branches end in zero-initialised
+  projections, so the layers start as the identity; masked tokens are never
+  attended to.
+  """
+  num_layers: int
+  head_dim: int = 64
+  ff_mult: int = 2
+  dtype: Dtype = jnp.float32
+  kernels: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    # x: [B, L, D]; mask: [B, L] bool
+    d = x.shape[-1]
+    pos = sinusoidal(jnp.arange(x.shape[1]), d + d % 2)[:, :d]  # [L, D]
+    x = x + pos[None].astype(x.dtype)
+    for i in range(self.num_layers):
+      y = layer_norm(self.dtype, name=f"norm_attn_{i}")(x)
+      x = x + Attention(self.head_dim, self.dtype, self.kernels,
+                        name=f"attn_{i}")(y, y, mask)
+      y = layer_norm(self.dtype, name=f"norm_ff_{i}")(x)
+      y = dense(d * self.ff_mult, self.dtype, activation="gelu",
+                kernels=self.kernels, name=f"ff_in_{i}")(y)
+      x = x + dense(d, self.dtype, names=("mlp", "embed"), kernel_init=ZEROS,
+                    kernels=self.kernels, name=f"ff_out_{i}")(y)
+    return constrain_seq(x)

@@ -77,6 +77,9 @@ class UNet(nn.Module):
     ff_mult: MLP width multiplier inside attention blocks (0 = no MLP).
     text_dim: width of the text embeddings the stage is fed (T5 d_model).
     cond_dim: width the text is projected to for cross-attention.
+    text_layers: trainable Transformer layers (sinusoidal positions) over the
+      projected text before pooling and cross-attention; 0 is Imagen's
+      projection alone (``layers.TextTransformer``).
     emb_dim: width of the time/conditioning embedding (default 4 x base).
     in_channels: channels of the image being denoised.
     out_channels: channels of the prediction (default in_channels).
@@ -110,6 +113,7 @@ class UNet(nn.Module):
   ff_mult: int = 0
   text_dim: int = 4096
   cond_dim: int = 512
+  text_layers: int = 0
   emb_dim: Optional[int] = None
   in_channels: int = 3
   out_channels: Optional[int] = None
@@ -208,6 +212,10 @@ class UNet(nn.Module):
     ctx = layers.layer_norm(dtype, name="text_norm")(text.astype(dtype))
     kn = self.kernels
     ctx = layers.dense(self.cond_dim, dtype, kernels=kn, name="text_proj")(ctx)
+    if self.text_layers:
+      ctx = layers.TextTransformer(self.text_layers, self.head_dim,
+                                   max(self.ff_mult, 2), dtype, kn,
+                                   name="text_layers")(ctx, text_mask)
     null = self.param("null_token", layers.partitioned(
         nn.initializers.normal(0.02), (None, "embed")), (1, self.cond_dim))
     ctx = jnp.concatenate(
