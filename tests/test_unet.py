@@ -224,3 +224,32 @@ def test_upsample_equals_plain_nearest_then_conv(shape, features):
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), y, rtol=0.05,
                              atol=0.05 * float(jnp.abs(y).max()))
+
+
+def test_text_layers_make_the_conditioning_order_aware():
+  """Cross-attention and pooling see a set of tokens; text_layers add order.
+
+  Without them, reversing the real tokens (mask reversed alike) leaves the
+  output unchanged; with them it changes it, and padding still has no
+  effect.
+  """
+  def reversed_tokens(inp, n):
+    text = inp["text"].at[:, :n].set(inp["text"][:, :n][:, ::-1])
+    return dict(inp, text=text)
+
+  outs = {}
+  for layers_ in (0, 2):
+    config = load_config("base64")
+    config.model.text_layers = layers_
+    module, params, inputs = helpers.init_unet(config, batch=2, text_len=6)
+    apply = helpers.apply_fn(module)
+    inp = helpers.random_inputs(inputs, valid_tokens=[4, 4])
+    out = apply(params, **inp)
+    outs[layers_] = float(jnp.abs(apply(params, **reversed_tokens(inp, 4))
+                                  - out).max())
+    pad = dict(inp, text=inp["text"].at[:, 4:].set(50.0))
+    np.testing.assert_allclose(apply(params, **pad), out, atol=1e-5, rtol=1e-5)
+    has = "text_layers" in params
+    assert has == bool(layers_)
+  assert outs[0] < 1e-5, outs
+  assert outs[2] > 1e-3, outs
