@@ -170,6 +170,10 @@ def test_model_fields_are_unet_fields():
   for name in cd.MODEL:
     assert getattr(unet, name) == build.unet_kwargs(model)[name]
   assert unet.dtype == "bfloat16" and unet.num_res_blocks == (2, 2, 2, 2)
+  # The module's own defaults are the schema's too.
+  bare = UNet()
+  for name, spec in cd.MODEL.items():
+    assert getattr(bare, name) == spec.default, name
 
 
 def test_sampling_defaults_agree():

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax import config_defaults
 from imagen_jax.models import if_blocks
 from imagen_jax.models import layers
 
@@ -62,8 +63,17 @@ def _per_level(value, levels: int, name: str) -> tuple:
   return value
 
 
+def _default(name: str) -> Any:
+  """A field's default, from its one declaration in ``config_defaults.MODEL``."""
+  return config_defaults.MODEL[name].default
+
+
 class UNet(nn.Module):
   """Text-conditioned U-Net for one diffusion stage.
+
+  Every attribute is a field of ``config_defaults.MODEL``, whose declaration
+  gives its default (the UNet built from a config and one built with no
+  arguments agree).
 
   Attributes:
     base_channels: width of level 0 (embed dim in the paper).
@@ -102,34 +112,34 @@ class UNet(nn.Module):
     kernels: kernel implementation (``imagen_jax.kernels.CHOICES``): "auto"
       (the backend's default), "reference", "xla_cpu", "cudnn".
   """
-  base_channels: int = 128
-  channel_mult: Sequence[int] = (1, 2, 4, 8)
-  num_res_blocks: Any = 2
-  self_attn: Any = False
-  cross_attn: Any = False
-  efficient: bool = False
-  mid_attn: bool = True
-  head_dim: int = 64
-  ff_mult: int = 0
-  text_dim: int = 4096
-  cond_dim: int = 512
-  text_layers: int = 0
-  emb_dim: Optional[int] = None
-  in_channels: int = 3
-  out_channels: Optional[int] = None
-  lowres_cond: bool = False
-  lowres_resize: str = "bilinear"
-  num_groups: int = 32
-  dropout: float = 0.0
-  dtype: str = "float32"
-  remat: str = "none"
-  family: str = "imagen"
-  res_scale: float = 1.0
-  mid_scale: float = 1.0
-  emb_act: bool = False
-  skip_time_act: bool = False
-  pool_heads: int = 64
-  kernels: str = "auto"
+  base_channels: int = _default("base_channels")
+  channel_mult: Sequence[int] = _default("channel_mult")
+  num_res_blocks: Any = _default("num_res_blocks")
+  self_attn: Any = _default("self_attn")
+  cross_attn: Any = _default("cross_attn")
+  efficient: bool = _default("efficient")
+  mid_attn: bool = _default("mid_attn")
+  head_dim: int = _default("head_dim")
+  ff_mult: int = _default("ff_mult")
+  text_dim: int = _default("text_dim")
+  cond_dim: int = _default("cond_dim")
+  text_layers: int = _default("text_layers")
+  emb_dim: int = _default("emb_dim")
+  in_channels: int = _default("in_channels")
+  out_channels: int = _default("out_channels")
+  lowres_cond: bool = _default("lowres_cond")
+  lowres_resize: str = _default("lowres_resize")
+  num_groups: int = _default("num_groups")
+  dropout: float = _default("dropout")
+  dtype: str = _default("dtype")
+  remat: str = _default("remat")
+  family: str = _default("family")
+  res_scale: float = _default("res_scale")
+  mid_scale: float = _default("mid_scale")
+  emb_act: bool = _default("emb_act")
+  skip_time_act: bool = _default("skip_time_act")
+  pool_heads: int = _default("pool_heads")
+  kernels: str = _default("kernels")
 
   def _check_inputs(self, x, logsnr, text, text_mask, lowres, aug_logsnr):
     levels = len(self.channel_mult)
