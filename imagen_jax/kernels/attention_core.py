@@ -12,9 +12,10 @@ product instead of another pass over ``[T, S]``:
 
 Autodiff of the plain formula makes four more passes over the ``[B, N, T, S]``
 logits-sized arrays; on XLA:CPU the attention core of a 16x16 self-attention
-layer ran ~15% faster this way (benchmarks/RESULTS.md). The row maximum is
-taken by halving the row with elementwise maxima: XLA:CPU's max-reduce is
-3x slower than its sum-reduce, the elementwise ``maximum`` loop is not.
+layer ran faster this way (figures in benchmarks/RESULTS.md). The row
+maximum is taken by halving the row with elementwise maxima: XLA:CPU's
+max-reduce is much slower than its sum-reduce, the elementwise ``maximum``
+loop is not.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   scale = q.shape[-1] ** -0.5
   # Heads-major layout for the batched matmuls: with the batch dims leading,
-  # XLA:CPU runs them ~5x faster than the [B, T, N, H] einsum.
+  # XLA:CPU runs them several times faster than the [B, T, N, H] einsum.
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, N, T|S, H]
   out = _core(q * jnp.asarray(scale, q.dtype), k, v, mask)
   return jnp.swapaxes(out, 1, 2)                         # [B, T, N, H]

@@ -3,10 +3,10 @@
 Reductions that keep only the narrow channel axis of an activation (bias
 gradients, GroupNorm statistics and their gradients) are, as written, one
 reduce over (B, H, W) with a [C] (or [B, C]) result. XLA:CPU runs those at
-~1 GB/s: each output walks a stride-C column, with the elementwise producer
+a small fraction of memory bandwidth: each output walks a stride-C column, with the elementwise producer
 re-run inside the loop. Summing a wide view first, ``[M / R, R * C]`` over its rows (a
 vectorised accumulation of whole rows), then the ``[R, C]`` remainder, is
-2-12x faster (benchmarks/RESULTS.md): the same numbers, summed in another
+several times faster (benchmarks/RESULTS.md): the same numbers, summed in another
 order, in float32.
 
 ``add_bias`` is ``y + bias`` with ``channel_sum`` as the bias gradient: the
@@ -109,8 +109,8 @@ def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
 
   As autodiff writes it, XLA:CPU recomputes GELU's derivative inside both of
   its consumers, the bias-gradient reduce and the transposed copy in front
-  of the kernel-gradient matmul, at ~1 GB/s each: ~6 ms of a 1 MB
-  feed-forward activation per attention block on one core. Here the
+  of the kernel-gradient matmul, each a slow strided pass over the
+  feed-forward activation. Here the
   derivative is materialised once and the bias gradient is ``channel_sum``.
 
   Args:
