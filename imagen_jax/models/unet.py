@@ -204,12 +204,7 @@ class UNet(nn.Module):
       raise ValueError(f"Unknown U-Net family {self.family!r}; use 'imagen' "
                        "or 'if'.")
     dtype = DTYPES[self.dtype]
-    levels = len(self.channel_mult)
-    num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
-    self_attn = _per_level(self.self_attn, levels, "self_attn")
-    cross_attn = _per_level(self.cross_attn, levels, "cross_attn")
-    widths = [self.base_channels * m for m in self.channel_mult]
-    emb_dim = self.emb_dim or 4 * self.base_channels
+    num_blocks, self_attn, cross_attn, widths, emb_dim = self._layout()
     b, height, width, channels = x.shape
 
     policy = REMAT_POLICIES[self.remat]
@@ -309,18 +304,23 @@ class UNet(nn.Module):
     assert not skips
     return h
 
+  def _layout(self) -> tuple[tuple, tuple, tuple, list[int], int]:
+    """Per-level res blocks, self- and cross-attention flags and widths, and
+    the embedding width, from the attributes."""
+    levels = len(self.channel_mult)
+    return (_per_level(self.num_res_blocks, levels, "num_res_blocks"),
+            _per_level(self.self_attn, levels, "self_attn"),
+            _per_level(self.cross_attn, levels, "cross_attn"),
+            [self.base_channels * m for m in self.channel_mult],
+            self.emb_dim or 4 * self.base_channels)
+
   def _if_network(self, x, logsnr, text, text_mask, lowres, aug_logsnr):
     """DeepFloyd IF's U-Net (``family="if"``); see ``if_blocks``."""
     if self.efficient:
       raise ValueError("family='if' uses the standard layout; set "
                        "efficient=False.")
     dtype = DTYPES[self.dtype]
-    levels = len(self.channel_mult)
-    num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
-    self_attn = _per_level(self.self_attn, levels, "self_attn")
-    cross_attn = _per_level(self.cross_attn, levels, "cross_attn")
-    widths = [self.base_channels * m for m in self.channel_mult]
-    emb_dim = self.emb_dim or 4 * self.base_channels
+    num_blocks, self_attn, cross_attn, widths, emb_dim = self._layout()
     b, height, width, channels = x.shape
     res_cls, attn_cls = if_blocks.ResBlock, if_blocks.AttentionBlock
     if self.remat != "none":
