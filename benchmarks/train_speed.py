@@ -22,9 +22,10 @@
    tiny state on 1 and on 8 devices (mesh fsdp=8) and the cpu base stage on
    one device, real train steps with a save every ``--save-every`` steps
    (an interval longer than a save); per save, the time ``save`` held the
-   loop (``Checkpointer.timings``: the wait for the step that produced the
-   state, the host copy of the packed leaves, the snapshot's dispatch) and
-   the time from the ``save`` call to orbax's commit.
+   loop (``Checkpointer.timings``: the host copy of the packed leaves, the
+   snapshot's dispatch, or orbax's host copy) and the time from the
+   ``save`` call to orbax's commit. As in the train loop, the steps
+   dispatched ahead have finished before the call.
 4. Host memory of the train loop (``--host-rss``; alone with
    ``--only-host-rss``): the tiny config for 2,000 steps on one device,
    logging every 200; host RSS at each log (the loop's ``host_rss_gib``
@@ -259,6 +260,10 @@ def save_timings(name: str, variant: str, devices: int, steps: int,
     for i in range(1, steps + 1):
       state, _ = step(state, b)
       if i % every == 0:
+        # As the train loop's save does (it reads the skip counter first):
+        # the steps dispatched ahead finish before the save call, so its
+        # time is the save's own.
+        jax.block_until_ready(state)
         ck.save(i, state, {"data_position": i})
     jax.block_until_ready(state)
     loop_s = time.perf_counter() - t0
