@@ -39,6 +39,7 @@ train step's collectives from another thread.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -67,6 +68,9 @@ SNAPSHOT_MODES = ("auto", "always", "never")
 # the allocator needs room for fragmentation, and XLA's figures leave out
 # the runtime's own buffers.
 SNAPSHOT_HEADROOM = 0.9
+
+# Per-save timings kept by a Checkpointer (for benchmarks and logs).
+TIMINGS_KEPT = 100
 
 
 def _nbytes(leaf) -> int:
@@ -415,10 +419,11 @@ class Checkpointer:
   """Saves and restores train states in ``workdir/checkpoints``.
 
   Attributes:
-    timings: per save of this process, ``{"step", "blocked_s", "commit_s",
-      "snapshot"}``: how long ``save`` held its caller, and the time from
-      the ``save`` call to the commit (None until known, and in multi-process
-      jobs, whose commits orbax waits for on the main thread).
+    timings: the last ``TIMINGS_KEPT`` saves of this process, each
+      ``{"step", "blocked_s", "commit_s", "snapshot"}``: how long ``save``
+      held its caller, and the time from the ``save`` call to the commit
+      (None until known, and in multi-process jobs, whose commits orbax
+      waits for on the main thread).
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_period: int = 0,
@@ -456,7 +461,8 @@ class Checkpointer:
     # path (no room, "never", nothing large, no background thread).
     self._snapshot_choice: Optional[concurrent.futures.Future] = None
     self._warm: Optional[concurrent.futures.Future] = None
-    self.timings: list[dict] = []
+    # Bounded: a run may save thousands of times.
+    self.timings: collections.deque = collections.deque(maxlen=TIMINGS_KEPT)
 
   def prepare(self, state: TrainState, step_bytes: Optional[int] = None
               ) -> None:
