@@ -562,7 +562,7 @@ class Checkpointer:
 
   def _write(self, step, keys, small, large, host, copies, meta, force, t0,
              timing) -> bool:
-    """The hand-off thread's save (host leaves, snapshot copies) to its commit."""
+    """The hand-off thread's save, up to its commit."""
     result = self._orbax_save(step, keys, small, large, host, copies, meta,
                               force)
     self._commit(t0, timing)
