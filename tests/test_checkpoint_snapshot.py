@@ -23,7 +23,8 @@ from tests import helpers
 
 def _state(mesh_shape):
   config = helpers.tiny_train_config()
-  mesh = parallel.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  n = int(np.prod(mesh_shape))
+  mesh = parallel.make_mesh(mesh_shape, jax.devices()[:n])
   stage = Stage.from_config(config)
   tx, _ = optim.make_optimizer(config.optimizer, 10)
   abstract, sh = state_lib.state_shardings(

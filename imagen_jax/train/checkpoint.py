@@ -74,7 +74,8 @@ TIMINGS_KEPT = 100
 
 
 def _nbytes(leaf) -> int:
-  return int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  size = int(np.prod(leaf.shape, dtype=np.int64))
+  return size * np.dtype(leaf.dtype).itemsize
 
 
 def _words(x: Any, xp: Any = jnp) -> Any:
