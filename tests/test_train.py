@@ -1,6 +1,7 @@
 """Training: mesh equivalence, learning, NaN guard, checkpoints, bad input."""
 
 import functools
+import json
 import logging
 
 import jax
@@ -393,3 +394,19 @@ def test_peak_flops_config_wins_else_cpu_measures():
   assert 1e8 < total < 1e13, total
   one = metrics_lib.measure_matmul_flops(sizes=(256,), repeats=2)
   assert 1e8 < one < 1e13, one
+
+
+def test_workdir_written_before_a_model_field_existed_resumes(tmp_path):
+  """A config.json that lacks a later-declared model field means its default;
+  a real change of that field is still refused."""
+  config = helpers.load_config("base64")
+  workdir = str(tmp_path)
+  loop.check_workdir_config(workdir, config)
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  del old["model"]["text_layers"]
+  path.write_text(json.dumps(old))
+  loop.check_workdir_config(workdir, config)
+  config.model.text_layers = 2
+  with pytest.raises(loop.ConfigError, match="different model"):
+    loop.check_workdir_config(workdir, config)

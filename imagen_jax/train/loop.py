@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import build
+from imagen_jax import config_defaults
 from imagen_jax import fileio
 from imagen_jax.cli import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from imagen_jax import host_malloc
@@ -114,6 +115,17 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _shape_section(config_json: dict, key: str):
+  """``config_json[key]``; for ``model``, with the fields a workdir predates
+  at their declared defaults (what ``build.unet_kwargs`` builds them with)."""
+  section = config_json.get(key)
+  if key != "model" or not isinstance(section, dict):
+    return section
+  defaults = json.loads(json.dumps(
+      {name: spec.default for name, spec in config_defaults.MODEL.items()}))
+  return {**defaults, **section}
+
+
 def check_workdir_config(workdir: str, config) -> None:
   """Writes config.json, or refuses a config whose param shapes differ."""
   path = os.path.join(workdir, "config.json")
@@ -121,7 +133,7 @@ def check_workdir_config(workdir: str, config) -> None:
   if fileio.isfile(path):
     old = fileio.read_json(path)
     for key in SHAPE_KEYS:
-      if old.get(key) != new.get(key):
+      if _shape_section(old, key) != _shape_section(new, key):
         raise ConfigError(
             f"{workdir} holds a run with a different {key} "
             f"({json.dumps(old.get(key))[:120]}...); use a new --workdir or "
