@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 
 
 from imagen_jax import convert_if
+from imagen_jax import fileio
 from imagen_jax import host_malloc
 
 PROG = "imagen-convert"
@@ -128,8 +129,8 @@ def stage_config(model_fields: dict[str, Any], src: str, stage_ii: bool,
   t = config.text
   t.t5 = "xxl"
   t.source = "hf"
-  t.checkpoint = os.path.abspath(os.path.join(src, "text_encoder"))
-  t.vocab = os.path.abspath(os.path.join(src, "tokenizer", "spiece.model"))
+  t.checkpoint = fileio.abspath(fileio.join(src, "text_encoder"))
+  t.vocab = fileio.abspath(fileio.join(src, "tokenizer", "spiece.model"))
   t.max_length = IF_MAX_LENGTH
   return config
 
@@ -158,8 +159,8 @@ def text_encoder_spec(src: str, dtype: str = "bfloat16") -> dict:
   with open(cfg_file) as f:
     config = t5_checkpoints.hf_config_to_t5(json.load(f), dtype)
   return dict(t5=encoder_lib._size_name(config),  # pylint: disable=protected-access
-              source="hf", checkpoint=os.path.abspath(te), seed=0,
-              vocab=os.path.abspath(vocab), max_length=IF_MAX_LENGTH,
+              source="hf", checkpoint=fileio.abspath(te), seed=0,
+              vocab=fileio.abspath(vocab), max_length=IF_MAX_LENGTH,
               vocab_sha256=vocab_lib.vocab_sha256(vocab),
               config=config.to_dict())
 
@@ -251,20 +252,18 @@ def convert(src: str, out: str, variant: str = "", resolution: int = 0,
         f"{src}: the checkpoint has no tensor for {'/'.join(missing[0])} "
         f"({len(missing)} parameters missing); a shard or file is incomplete.")
 
-  os.makedirs(out, exist_ok=True)
+  fileio.makedirs(out)
   # The default lets orbax stage up to 96 GB of copies at once (2.5x the
   # model's float32 size measured); 1 GB in flight keeps the peak near 1x.
   ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
-  ckptr.save(os.path.join(os.path.abspath(out), "params"),
+  ckptr.save(fileio.join(fileio.abspath(out), "params"),
              args=ocp.args.StandardSave(params), force=True)
   record = json.loads(config.to_json_best_effort())
-  record["converted_from"] = {"src": os.path.abspath(src),
+  record["converted_from"] = {"src": fileio.abspath(src),
                               "variant": variant or "default",
                               "files": [os.path.basename(f) for f in files]}
-  with open(os.path.join(out, "stage.json"), "w") as f:
-    json.dump(record, f, indent=2)
-  with open(os.path.join(out, "text_encoder.json"), "w") as f:
-    json.dump(spec, f, indent=2)
+  fileio.write_json(fileio.join(out, "stage.json"), record)
+  fileio.write_json(fileio.join(out, "text_encoder.json"), spec)
   return out
 
 
