@@ -156,8 +156,7 @@ def paper_memory(remat: str, per_device_batch: int, devices=None):
   t = time.perf_counter()
   compiled = step.compiled(abstract_state, batch)
   mem = compiled.memory_analysis()
-  total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-           + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+  total = metrics_lib.compiled_peak_bytes(compiled)
   return [f"base64:paper remat={remat}", devices[0].device_kind,
           per_device_batch,
           mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30,
