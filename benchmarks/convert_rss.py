@@ -8,6 +8,11 @@ the model is allocated), sharded like the model cards' files, plus a
 text_encoder/config.json (T5-v1.1-XXL) and the demo vocabulary as
 tokenizer/spiece.model. Then runs `python -m imagen_jax.convert` in a
 subprocess and prints its peak RSS next to the model's float32 size.
+
+The child's ``/proc/PID/status`` is sampled every ``--every`` seconds
+(VmRSS split into anonymous memory and mapped file pages, and VmHWM, the
+kernel's own peak); each line the converter logs is stamped with the RSS
+of that moment, so the table says which phase the memory belongs to.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -82,11 +88,58 @@ def write_checkpoint(name: str, src: str, shard_mb: int) -> int:
   return sum(int(np.prod(s)) for s in shapes.values())
 
 
+def _status(pid: int) -> dict[str, float]:
+  """VmRSS, RssAnon, RssFile, VmHWM of a live process, in GiB."""
+  out = {}
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+          out[name] = int(rest.split()[0]) / 2**20
+  except (FileNotFoundError, ProcessLookupError):
+    pass
+  return out
+
+
+def run_sampled(cmd: list[str], env: dict, every: float):
+  """Runs cmd, sampling its memory; returns (rc, stderr, samples, marks).
+
+  samples: (seconds, status dict) pairs; marks: (seconds, VmRSS GiB, line)
+  for each stderr line, so log lines place phases on the RSS curve.
+  """
+  t0 = time.time()
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  samples, marks, err = [], [], []
+
+  def _read():
+    for line in proc.stderr:
+      err.append(line)
+      marks.append((time.time() - t0,
+                    _status(proc.pid).get("VmRSS", float("nan")),
+                    line.rstrip()))
+  reader = threading.Thread(target=_read, daemon=True)
+  reader.start()
+  while proc.poll() is None:
+    st = _status(proc.pid)
+    if st:
+      samples.append((time.time() - t0, st))
+    time.sleep(every)
+  reader.join()
+  proc.stdout.read()
+  return proc.returncode, "".join(err), samples, marks
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="IF-II-L", choices=("IF-II-L", "IF-I-XL"))
   p.add_argument("--shard_mb", type=int, default=1000)
   p.add_argument("--keep", action="store_true", help="Keep the temp dir.")
+  p.add_argument("--every", type=float, default=0.1,
+                 help="Seconds between RSS samples of the converter.")
+  p.add_argument("--trace", action="store_true",
+                 help="Print every log line with the RSS at that moment.")
   args = p.parse_args()
   tmp = tempfile.mkdtemp(prefix="convert_rss_")
   try:
@@ -97,13 +150,26 @@ def main() -> None:
     written = time.time() - t0
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     t0 = time.time()
-    proc = subprocess.run(
+    rc, stderr, samples, marks = run_sampled(
         [sys.executable, "-m", "imagen_jax.convert", "--src", src, "--out",
-         out, "--variant", "fp16"], env=env, capture_output=True, text=True)
+         out, "--variant", "fp16"], env, args.every)
     took = time.time() - t0
-    if proc.returncode:
-      sys.exit(f"convert exited {proc.returncode}: {proc.stderr[-1500:]}")
+    if rc:
+      sys.exit(f"convert exited {rc}: {stderr[-1500:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    if args.trace:
+      step = max(1, len(samples) // 40)
+      curve = [(t, st.get("VmRSS", 0), f"(anon {st.get('RssAnon', 0):.2f}, "
+                f"file {st.get('RssFile', 0):.2f})")
+               for t, st in samples[::step]]
+      for t, rss, line in sorted(curve + marks):
+        print(f"{t:7.1f} s {rss:6.2f} GiB  {line[:150]}")
+    top = max(samples, key=lambda s: s[1].get("VmRSS", 0))
+    print(f"sampled peak VmRSS {top[1]['VmRSS']:.2f} GiB at {top[0]:.1f} s "
+          f"(anon {top[1].get('RssAnon', 0):.2f}, file "
+          f"{top[1].get('RssFile', 0):.2f}); peak anon "
+          f"{max(s[1].get('RssAnon', 0) for s in samples):.2f} GiB; "
+          f"last VmHWM {samples[-1][1].get('VmHWM', 0):.2f} GiB")
     print(f"{time.strftime('%Y-%m-%d')} | {platform.node()} | "
           f"{os.cpu_count()} cores | checkpoint written in {written:.0f} s")
     print("| model | params | fp16 files | float32 size | peak RSS | "
