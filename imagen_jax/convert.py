@@ -3,6 +3,9 @@
   imagen-convert --src=IF-I-XL-v1.0 --out=exports/if_1 [--variant=fp16]
   imagen-convert --src=IF-II-L-v1.0 --out=exports/if_2 [--variant=fp16]
   imagen-sample --stages=exports/if_1,exports/if_2 --prompt="..."
+  # deepfloyd_if's own layout (config.yml + pytorch_model.bin), no T5 in it:
+  imagen-convert --src=IF-I-XL-orig --out=exports/if_1 \
+      --text_encoder=IF-I-XL-v1.0/text_encoder
 
 ``--src`` is a stage of IF in the diffusers layout (what the model cards
 publish): ``unet/config.json`` with ``unet/diffusion_pytorch_model[.fp16]
@@ -11,27 +14,39 @@ publish): ``unet/config.json`` with ``unet/diffusion_pytorch_model[.fp16]
 ``tokenizer/spiece.model``. The export (``params/``, ``stage.json``,
 ``text_encoder.json``) is what ``Cascade.load`` and ``config.init_from``
 read; its text-encoder record points at ``--src``'s T5, so sampling finds it.
+
+``--src`` may instead be in the deep-floyd/IF repository's own layout:
+``config.yml`` (its U-Net's arguments under ``params``) and
+``pytorch_model.bin`` (torch's zip format, read without torch by
+``tensor_files``). Its config and tensor names are mapped onto diffusers'
+(``convert_if.deepfloyd_*``); it holds no T5, so ``--text_encoder`` names
+one (an IF diffusers directory's ``text_encoder/``).
 Stage III of IF (a latent x4 upscaler) is not an IF U-Net: out of scope.
 
-Conversion streams: tensors are read one at a time from the safetensors
-files and placed into the float32 tree, so host memory peaks at about the
-model's float32 size (measured in benchmarks/RESULTS.md). Anything that
-does not map (not an IF directory, a missing shard, an unsupported variant
-or config key, an unmapped tensor) is one line naming it, exit 2.
+Conversion streams: every tensor is mapped and its shape checked from the
+files' headers first; then orbax writes the export while each tensor is
+read, converted to float32 and released in turn, a bounded window at a
+time, so host memory stays near the Python/JAX baseline plus that window
+whatever the model's size (measured in benchmarks/RESULTS.md). Anything
+that does not map (not an IF directory, a missing shard, an unsupported
+variant or config key, an unmapped tensor) is one line naming it, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 
 from imagen_jax import convert_if
 from imagen_jax import fileio
 from imagen_jax import host_malloc
+from imagen_jax import tensor_files
 
 PROG = "imagen-convert"
 VARIANTS = ("", "fp16")
@@ -92,13 +107,15 @@ def weight_files(unet_dir: str, variant: str = "") -> list[str]:
       f"{os.path.basename(index)}{hint}.")
 
 
-def stage_config(model_fields: dict[str, Any], src: str, stage_ii: bool,
-                 resolution: int = 0, lowres_resolution: int = 0):
+def stage_config(model_fields: dict[str, Any], text_encoder: str, vocab: str,
+                 stage_ii: bool, resolution: int = 0,
+                 lowres_resolution: int = 0):
   """The full stage config of a converted IF U-Net.
 
   Args:
     model_fields: from ``convert_if.unet_config_to_model``.
-    src: the IF directory (for the text encoder's paths).
+    text_encoder: the Hugging Face T5 directory sampling encodes with.
+    vocab: its SentencePiece model.
     stage_ii: whether it is the 64 -> 256 super-resolution stage.
     resolution: output size (0: IF's, 64 for stage I and 256 for stage II).
     lowres_resolution: stage II's input size (0: IF's 64).
@@ -129,28 +146,29 @@ def stage_config(model_fields: dict[str, Any], src: str, stage_ii: bool,
   t = config.text
   t.t5 = "xxl"
   t.source = "hf"
-  t.checkpoint = fileio.abspath(fileio.join(src, "text_encoder"))
-  t.vocab = fileio.abspath(fileio.join(src, "tokenizer", "spiece.model"))
+  t.checkpoint = fileio.abspath(text_encoder)
+  t.vocab = fileio.abspath(vocab)
   t.max_length = IF_MAX_LENGTH
   return config
 
 
-def text_encoder_spec(src: str, dtype: str = "bfloat16") -> dict:
-  """The text-encoder record of an IF directory, without loading T5.
+def text_encoder_spec(text_encoder: str, vocab: str,
+                      dtype: str = "bfloat16") -> dict:
+  """The text-encoder record of a Hugging Face T5 directory, without loading T5.
 
   Args:
-    src: the IF stage directory.
+    text_encoder: the T5 directory (an IF directory's ``text_encoder/``).
+    vocab: its SentencePiece model (``tokenizer/spiece.model``).
     dtype: T5 compute dtype recorded.
 
   Returns:
-    The spec ``TextEncoder.from_hf`` would write for ``src/text_encoder``.
+    The spec ``TextEncoder.from_hf`` would write for ``text_encoder``.
   """
   from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import t5_checkpoints  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  te = os.path.join(src, "text_encoder")
+  te = text_encoder
   cfg_file = os.path.join(te, "config.json")
-  vocab = os.path.join(src, "tokenizer", "spiece.model")
   for path in (cfg_file, vocab):
     if not os.path.isfile(path):
       raise convert_if.ConvertError(
@@ -175,13 +193,9 @@ def read_unet(src: str, variant: str = "") -> tuple[dict, dict]:
     raise convert_if.ConvertError(f"--src {src!r} is not a directory.")
   unet_cfg = os.path.join(src, "unet", "config.json")
   if not os.path.isfile(unet_cfg):
-    if os.path.isfile(os.path.join(src, "config.yml")):
-      raise convert_if.ConvertError(
-          f"{src} is in deepfloyd_if's own layout (config.yml + "
-          "pytorch_model.bin), which we do not read; use the model card's "
-          "diffusers files (unet/, text_encoder/, tokenizer/).")
     raise convert_if.ConvertError(
-        f"{src} is not an IF checkpoint directory: no unet/config.json.")
+        f"{src} is not an IF checkpoint directory: no unet/config.json "
+        "(diffusers' layout) nor config.yml (deepfloyd_if's).")
   with open(unet_cfg) as f:
     raw = json.load(f)
   if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
@@ -191,80 +205,362 @@ def read_unet(src: str, variant: str = "") -> tuple[dict, dict]:
   return raw, convert_if.unet_config_to_model(raw)
 
 
-def convert(src: str, out: str, variant: str = "", resolution: int = 0,
-            lowres_resolution: int = 0) -> str:
-  """Converts one IF stage directory into an export directory.
+# Bytes of converted tensors orbax writes at once: the converter's host
+# memory beyond the Python/JAX baseline is this window plus one tensor.
+WRITE_WINDOW_BYTES = 1 << 30
+
+
+class LazyParam:
+  """One converted parameter: shape and dtype now, values when written.
+
+  Orbax sees a leaf with ``shape``/``dtype``/``nbytes`` (so it plans the
+  checkpoint, its metadata and its byte counts) and the streaming handler
+  calls ``load()`` only when the tensor's turn to be written comes.
+  """
+
+  def __init__(self, shape: Sequence[int], load: Callable[[], Any],
+               name: str, dtype: Any = np.float32):
+    """Args: shape, load (returns the array), name (for messages), dtype."""
+    self.shape = tuple(int(n) for n in shape)
+    self.dtype = np.dtype(dtype)
+    self.name = name
+    self._load = load
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.dtype.itemsize
+
+  def load(self) -> np.ndarray:
+    """The converted array (read from its file now)."""
+    value = self._load()
+    if value.shape != self.shape or value.dtype != self.dtype:
+      raise convert_if.ConvertError(
+          f"{self.name}: read as {value.dtype}{list(value.shape)}, expected "
+          f"{self.dtype}{list(self.shape)}.")
+    return value
+
+
+def _streaming_handler(window_bytes: int, progress: Callable[[int], None]):
+  """An orbax TypeHandler that writes ``LazyParam``s a window at a time.
+
+  Orbax's own NumpyHandler deep-copies every array before writing any and
+  then writes them all at once (its ``save_concurrent_gb`` does not reach
+  numpy leaves), which holds the converted state dict twice over. This one
+  loads a group of leaves of at most ``window_bytes``, hands them to the
+  NumpyHandler's writer (same tensorstore spec, so the checkpoint reads
+  back like any orbax checkpoint of numpy arrays), waits for the write and
+  drops them before loading the next group.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint import future as ocp_future  # pylint: disable=g-import-not-at-top
+
+  class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """NumpyHandler whose values are loaded group by group while writing."""
+
+    async def serialize(self, values, infos, args=None):
+      args = list(args or [ocp.SaveArgs()] * len(values))
+      return [ocp_future.CommitFutureAwaitingContractedSignals(
+          self._stream(list(values), list(infos), args),
+          name="imagen_convert_stream")]
+
+    async def _stream(self, values, infos, args):
+      start = 0
+      while start < len(values):
+        stop, size = start, 0
+        while stop < len(values) and (
+            stop == start or size + values[stop].nbytes <= window_bytes):
+          size += values[stop].nbytes
+          stop += 1
+        arrays = [v.load() for v in values[start:stop]]
+        # A protected method of our own base class: the NumpyHandler's
+        # writer, so the layout on disk is exactly orbax's.
+        await self._background_serialize(  # pylint: disable=protected-access
+            arrays, infos[start:stop], args[start:stop])
+        del arrays
+        progress(size)
+        start = stop
+
+  return _StreamingNumpyHandler(deepcopy_host_arrays=False)
+
+
+def save_streaming(directory: str, params: dict,
+                   window_bytes: int = WRITE_WINDOW_BYTES,
+                   log: Optional[Callable[[str], None]] = None) -> None:
+  """Writes a tree of ``LazyParam``s as an orbax checkpoint, in bounded memory.
 
   Args:
-    src: IF stage directory (diffusers layout).
+    directory: the checkpoint directory (``<export>/params``).
+    params: nested dict whose leaves are ``LazyParam``.
+    window_bytes: bytes of converted tensors held at once.
+    log: called with progress lines (None: silent).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves(params)
+  total = sum(leaf.nbytes for leaf in leaves)
+  done = [0, 0.0]
+
+  def progress(nbytes: int) -> None:
+    done[0] += nbytes
+    if log and (done[0] >= done[1] + total / 10 or done[0] == total):
+      done[1] = done[0]
+      log(f"wrote {done[0] / 2**30:.2f} / {total / 2**30:.2f} GiB")
+
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (LazyParam, _streaming_handler(window_bytes, progress)))
+  ckptr = ocp.Checkpointer(
+      ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+  ckptr.save(directory, args=ocp.args.PyTreeSave(params), force=True)
+
+
+def _place(params: dict, path: tuple[str, ...], leaf: LazyParam,
+           where: str) -> None:
+  node = params
+  for part in path[:-1]:
+    node = node.setdefault(part, {})
+  if path[-1] in node:
+    raise convert_if.ConvertError(
+        f"{where} maps onto {'/'.join(path)}, which another tensor already "
+        "fills.")
+  node[path[-1]] = leaf
+
+
+def lazy_params(entries: Sequence[tuple[str, str, tuple, Callable]],
+                expected: dict[tuple, tuple], levels: int,
+                source: str) -> dict:
+  """Maps diffusers-named tensors onto our tree, checked, without reading.
+
+  Args:
+    entries: (file name, diffusers tensor name, its shape in diffusers'
+      layout, a function returning that array) per tensor.
+    expected: our parameter path -> shape, from the model's eval_shape.
+    levels: U-Net levels.
+    source: the checkpoint, for the message about a missing parameter.
+
+  Returns:
+    Our nested parameter dict with ``LazyParam`` leaves, every path filled.
+
+  Raises:
+    convert_if.ConvertError: a tensor that does not map, a wrong shape, or a
+      parameter no tensor fills (one line naming it).
+  """
+  params: dict = {}
+  for fname, key, shape, read in entries:
+    where = f"{fname}: tensor {key!r}"
+    try:
+      path, kind = convert_if.map_key(key, levels)
+      shape = convert_if.converted_shape(kind, shape)
+    except convert_if.ConvertError as e:
+      raise convert_if.ConvertError(f"{fname}: {e}") from None
+    if path not in expected:
+      raise convert_if.ConvertError(
+          f"{where} has no place in the U-Net its config describes.")
+    if shape != tuple(expected[path]):
+      raise convert_if.ConvertError(
+          f"{where} has shape {shape} in our layout, expected "
+          f"{tuple(expected[path])}.")
+    _place(params, path, LazyParam(
+        shape, functools.partial(_load_converted, kind, read), where), where)
+  got = set()
+  stack = [((), params)]
+  while stack:
+    prefix, node = stack.pop()
+    for name, child in node.items():
+      if isinstance(child, dict):
+        stack.append((prefix + (name,), child))
+      else:
+        got.add(prefix + (name,))
+  missing = sorted(set(expected) - got)
+  if missing:
+    raise convert_if.ConvertError(
+        f"{source}: the checkpoint has no tensor for {'/'.join(missing[0])} "
+        f"({len(missing)} parameters missing); a shard or file is incomplete.")
+  return params
+
+
+def _load_converted(kind: str, read: Callable[[], np.ndarray]) -> np.ndarray:
+  return convert_if.convert_tensor(kind, read())
+
+
+def convert(src: str, out: str, variant: str = "", resolution: int = 0,
+            lowres_resolution: int = 0,
+            log: Optional[Callable[[str], None]] = None,
+            text_encoder: str = "", vocab: str = "") -> str:
+  """Converts one IF stage directory into an export directory.
+
+  Every tensor is mapped and its shape checked from the files' headers
+  before anything is written; then each is read, converted and written in
+  turn (``save_streaming``), so host memory stays near the Python/JAX
+  baseline plus ``WRITE_WINDOW_BYTES`` whatever the model's size.
+
+  Args:
+    src: IF stage directory: diffusers' layout (``unet/``,
+      ``text_encoder/``, ``tokenizer/``) or deepfloyd_if's (``config.yml``
+      + ``pytorch_model.bin``).
     out: export directory to write.
-    variant: "" or "fp16" (which weight files to read).
+    variant: "" or "fp16" (which diffusers weight files to read).
     resolution, lowres_resolution: see ``stage_config``.
+    log: called with progress lines (None: silent).
+    text_encoder: Hugging Face T5 directory ("": ``src/text_encoder``; a
+      deepfloyd_if directory has none, so it needs one).
+    vocab: its ``spiece.model`` ("": ``tokenizer/spiece.model`` beside the
+      T5 directory, else inside it).
 
   Returns:
     ``out``.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  from imagen_jax import build  # pylint: disable=g-import-not-at-top
-
-  _, fields = read_unet(src, variant)
-  files = weight_files(os.path.join(src, "unet"), variant)
-  config = stage_config(fields, src, fields["lowres_cond"], resolution,
-                        lowres_resolution)
-  spec = text_encoder_spec(src, str(config.text.dtype))
+  if not os.path.isdir(src):
+    raise convert_if.ConvertError(f"--src {src!r} is not a directory.")
+  deepfloyd = (not os.path.isfile(os.path.join(src, "unet", "config.json"))
+               and os.path.isfile(os.path.join(src, "config.yml")))
+  if deepfloyd:
+    fields, entries, files = _read_deepfloyd(src, variant)
+  else:
+    _, fields = read_unet(src, variant)
+    files = weight_files(os.path.join(src, "unet"), variant)
+    entries = []
+    for name in files:
+      entries += [(os.path.basename(name), key, ref.shape, ref.read)
+                  for key, ref in _refs(name).items()]
+  if not text_encoder:
+    text_encoder = os.path.join(src, "text_encoder")
+    if deepfloyd:
+      raise convert_if.ConvertError(
+          f"{src} is in deepfloyd_if's layout, which holds no T5: pass "
+          "--text_encoder=<an IF diffusers directory>/text_encoder (or a "
+          "Hugging Face T5-v1.1-XXL directory).")
+  if not vocab:
+    vocab = os.path.join(os.path.dirname(os.path.normpath(text_encoder)),
+                         "tokenizer", "spiece.model")
+    if not os.path.isfile(vocab) and os.path.isfile(
+        os.path.join(text_encoder, "spiece.model")):
+      vocab = os.path.join(text_encoder, "spiece.model")
+  config = stage_config(fields, text_encoder, vocab, fields["lowres_cond"],
+                        resolution, lowres_resolution)
+  spec = text_encoder_spec(text_encoder, vocab, str(config.text.dtype))
   if spec["config"]["d_model"] != fields["text_dim"]:
     raise convert_if.ConvertError(
-        f"text_encoder/ gives {spec['config']['d_model']}-wide embeddings but "
-        f"the U-Net reads {fields['text_dim']}; not one IF stage directory.")
+        f"{text_encoder} gives {spec['config']['d_model']}-wide embeddings "
+        f"but the U-Net reads {fields['text_dim']}; not IF's T5.")
+  params = lazy_params(entries, _expected_shapes(config),
+                       len(fields["channel_mult"]), src)
+  write_export(out, params, config, spec, {
+      "src": fileio.abspath(src),
+      "layout": "deepfloyd_if" if deepfloyd else "diffusers",
+      "variant": variant or "default",
+      "files": [os.path.basename(f) for f in files]}, log)
+  return out
+
+
+def _refs(path: str) -> dict[str, tensor_files.TensorRef]:
+  try:
+    if path.endswith(".safetensors"):
+      return tensor_files.read_safetensors(path)
+    return tensor_files.read_torch_zip(path)
+  except tensor_files.TensorFileError as e:
+    raise convert_if.ConvertError(str(e)) from None
+
+
+def _expected_shapes(config) -> dict[tuple, tuple]:
+  """Our parameter path -> shape for a stage config (eval_shape, no memory)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from imagen_jax import build  # pylint: disable=g-import-not-at-top
   unet = build.build_unet(config.model)
   abstract = nn.unbox(build.param_shapes(unet, build.unet_inputs(config, 1, 4)))
-  expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
-              jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  levels = len(fields["channel_mult"])
+  return {tuple(k.key for k in path): leaf.shape for path, leaf in
+          jax.tree_util.tree_flatten_with_path(abstract)[0]}
 
-  params: dict = {}
-  for name in files:
-    with safe_open(name, framework="numpy") as f:
-      for key in f.keys():
-        path, kind = convert_if.map_key(key, levels)
-        if path not in expected:
-          raise convert_if.ConvertError(
-              f"{os.path.basename(name)}: tensor {key!r} has no place in the "
-              "U-Net its config describes.")
-        value = convert_if.convert_tensor(kind, f.get_tensor(key))
-        if value.shape != expected[path]:
-          raise convert_if.ConvertError(
-              f"{os.path.basename(name)}: tensor {key!r} has shape "
-              f"{value.shape} in our layout, expected {expected[path]}.")
-        node = params
-        for part in path[:-1]:
-          node = node.setdefault(part, {})
-        node[path[-1]] = value
-        del value
-  got = {tuple(k.key for k in path) for path, _ in
-         jax.tree_util.tree_flatten_with_path(params)[0]}
-  missing = sorted(set(expected) - got)
-  if missing:
+
+def _read_deepfloyd(src: str, variant: str):
+  """deepfloyd_if's layout: (model fields, tensor entries, weight files).
+
+  The entries name diffusers' tensors (``lazy_params`` maps those), each
+  reading its part of a deepfloyd tensor when written.
+  """
+  import yaml  # pylint: disable=g-import-not-at-top
+  if variant:
     raise convert_if.ConvertError(
-        f"{src}: the checkpoint has no tensor for {'/'.join(missing[0])} "
-        f"({len(missing)} parameters missing); a shard or file is incomplete.")
+        f"--variant={variant!r} names diffusers weight files; {src} is in "
+        "deepfloyd_if's layout (one pytorch_model.bin): drop --variant.")
+  cfg_file = os.path.join(src, "config.yml")
+  weights = os.path.join(src, "pytorch_model.bin")
+  if not os.path.isfile(weights):
+    raise convert_if.ConvertError(
+        f"{weights} is missing: deepfloyd_if's layout is config.yml + "
+        "pytorch_model.bin.")
+  try:
+    with open(cfg_file) as f:
+      raw = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    raise convert_if.ConvertError(
+        f"{cfg_file} is not YAML: {str(e).splitlines()[0]}") from None
+  if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
+    raise convert_if.ConvertError(
+        f"{cfg_file} has no 'params' mapping (deepfloyd_if's U-Net "
+        "arguments).")
+  refs = _refs(weights)
+  stage_ii = "aug_proj.0.weight" in refs
+  cfg = convert_if.deepfloyd_config_to_diffusers(raw["params"], stage_ii)
+  try:
+    fields = convert_if.unet_config_to_model(cfg)
+  except convert_if.ConvertError as e:
+    raise convert_if.ConvertError(
+        f"{cfg_file} (as diffusers' unet/config.json): {e}") from None
+  prefixes = convert_if.deepfloyd_prefixes(cfg)
+  head_dim = cfg["attention_head_dim"]
+  name = os.path.basename(weights)
+  entries = []
+  for key, ref in refs.items():
+    try:
+      for target, part, parts in convert_if.deepfloyd_key(key, prefixes, cfg):
+        shape = convert_if.deepfloyd_part_shape(ref.shape, part, parts,
+                                                head_dim, key)
+        entries.append((name, target, shape, functools.partial(
+            _read_part, ref, part, parts, head_dim)))
+    except convert_if.ConvertError as e:
+      raise convert_if.ConvertError(f"{name}: {e}") from None
+  return fields, entries, [weights]
 
+
+def _read_part(ref: tensor_files.TensorRef, part: int, parts: int,
+               head_dim: int) -> np.ndarray:
+  return convert_if.deepfloyd_part(ref.read(), part, parts, head_dim)
+
+
+def write_export(out: str, params: dict, config, spec: dict,
+                 converted_from: dict,
+                 log: Optional[Callable[[str], None]] = None) -> None:
+  """Writes ``params/`` (streamed), ``stage.json`` and ``text_encoder.json``.
+
+  Args:
+    out: export directory.
+    params: tree of ``LazyParam``.
+    config: the stage config.
+    spec: the text-encoder record.
+    converted_from: recorded in ``stage.json`` under ``converted_from``.
+    log: progress lines (None: silent).
+  """
   fileio.makedirs(out)
-  # The default lets orbax stage up to 96 GB of copies at once (2.5x the
-  # model's float32 size measured); 1 GB in flight keeps the peak near 1x.
-  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
-  ckptr.save(fileio.join(fileio.abspath(out), "params"),
-             args=ocp.args.StandardSave(params), force=True)
+  if log:
+    import jax  # pylint: disable=g-import-not-at-top
+    leaves = jax.tree_util.tree_leaves(params)
+    log(f"{len(leaves)} tensors mapped "
+        f"({sum(l.nbytes for l in leaves) / 2**30:.2f} GiB in float32); "
+        "writing params/")
+  save_streaming(fileio.join(fileio.abspath(out), "params"), params, log=log)
   record = json.loads(config.to_json_best_effort())
-  record["converted_from"] = {"src": fileio.abspath(src),
-                              "variant": variant or "default",
-                              "files": [os.path.basename(f) for f in files]}
+  record["converted_from"] = converted_from
   fileio.write_json(fileio.join(out, "stage.json"), record)
   fileio.write_json(fileio.join(out, "text_encoder.json"), spec)
-  return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -272,19 +568,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from imagen_jax import cli  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
   p.add_argument("--src", required=True,
-                 help="IF stage directory (diffusers layout).")
+                 help="IF stage directory: diffusers' layout (unet/, "
+                 "text_encoder/, tokenizer/) or deepfloyd_if's (config.yml + "
+                 "pytorch_model.bin).")
   p.add_argument("--out", required=True, help="Export directory to write.")
   p.add_argument("--variant", default="", help="Weights variant: '' or fp16.")
   p.add_argument("--resolution", type=int, default=0,
                  help="Output size (default IF's: 64 stage I, 256 stage II).")
   p.add_argument("--lowres_resolution", type=int, default=0,
                  help="Stage II input size (default IF's 64).")
+  p.add_argument("--text_encoder", default="",
+                 help="Hugging Face T5 directory (default SRC/text_encoder; "
+                 "required for deepfloyd_if's layout, which has none).")
+  p.add_argument("--vocab", default="",
+                 help="Its spiece.model (default: tokenizer/spiece.model "
+                 "beside the T5 directory, else inside it).")
   p.error = lambda message: cli.fail(PROG, message)
   args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
   cli.setup_logging_and_cache()
   try:
     out = convert(args.src, args.out, args.variant, args.resolution,
-                  args.lowres_resolution)
+                  args.lowres_resolution,
+                  log=lambda line: print(f"{PROG}: {line}", file=sys.stderr,
+                                         flush=True),
+                  text_encoder=args.text_encoder, vocab=args.vocab)
   except convert_if.ConvertError as e:
     cli.fail(PROG, str(e))
   print(f"{PROG}: wrote {out}")

@@ -289,6 +289,26 @@ def convert_tensor(kind: str, value: np.ndarray, dtype=np.float32
   return np.ascontiguousarray(value, dtype=dtype)
 
 
+def converted_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape ``convert_tensor`` gives a tensor of ``shape`` (no data).
+
+  Args:
+    kind: from ``map_key``.
+    shape: the torch-layout shape.
+
+  Returns:
+    The shape in our layout.
+  """
+  shape = tuple(shape)
+  if kind == "dense" and len(shape) == 2:
+    return shape[::-1]
+  if kind == "conv" and len(shape) == 4:
+    return tuple(shape[i] for i in (2, 3, 1, 0))
+  if kind in ("dense", "conv"):
+    raise ConvertError(f"a {kind} tensor of shape {shape} has the wrong rank.")
+  return shape
+
+
 def convert_state_dict(state: dict[str, np.ndarray], levels: int) -> dict:
   """Converts a whole in-memory state dict (tests; the CLI streams instead).
 
@@ -348,3 +368,302 @@ IF_CONFIGS = {
         up_block_types=("SimpleCrossAttnUpBlock2D",) * 2
         + ("ResnetUpsampleBlock2D",) * 3),
 }
+
+
+# deepfloyd_if's own layout (the deep-floyd/IF repository's checkpoints):
+# ``config.yml`` whose ``params`` are the keyword arguments of its
+# ``UNetModel`` (stage I) or ``SuperResUNetModel`` (stage II), and
+# ``pytorch_model.bin``, a torch.save'd state dict in that model's names.
+# Both are mapped onto diffusers' config and tensor names, which the rest of
+# this module already maps onto ours.
+
+# config.yml params that set nothing we map when they hold these values
+# (None: any value).
+_DF_FIXED = {
+    "activation": ("gelu",),   # gelu_jit is the tanh approximation
+    "dims": (2,),
+    "num_classes": (None,),
+    "use_scale_shift_norm": (True,),
+    "resblock_updown": (True,),
+    "interpolate_mode": ("bilinear",),
+    "conv_resample": None,      # unused with res-block resampling
+    "dropout": None,
+    "precision": None,          # the stored dtype; read as it is
+    "num_heads": None,          # num_head_channels overrides it
+    "num_heads_upsample": None,
+}
+_DF_READ = ("in_channels", "model_channels", "out_channels", "num_res_blocks",
+            "attention_resolutions", "encoder_dim", "att_pool_heads",
+            "encoder_channels", "image_size", "disable_self_attentions",
+            "channel_mult", "num_head_channels", "efficient_activation",
+            "scale_skip_connection")
+_DF_REQUIRED = ("in_channels", "model_channels", "out_channels",
+                "num_res_blocks", "attention_resolutions", "encoder_dim",
+                "att_pool_heads", "encoder_channels", "image_size")
+# deepfloyd's ResBlock and AttentionBlock parameter names -> diffusers'.
+_DF_RES = {"in_layers.0": "norm1", "in_layers.2": "conv1",
+           "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+           "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_DF_ATTN = {"norm": "group_norm", "norm_encoder": "norm_cross",
+            "proj_out": "to_out.0"}
+_DF_TOP = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "aug_proj.0": "class_embedding.linear_1",
+    "aug_proj.2": "class_embedding.linear_2",
+    "encoder_proj": "encoder_hid_proj",
+    "encoder_pooling.0": "add_embedding.norm1",
+    "encoder_pooling.1.q_proj": "add_embedding.pool.q_proj",
+    "encoder_pooling.1.k_proj": "add_embedding.pool.k_proj",
+    "encoder_pooling.1.v_proj": "add_embedding.pool.v_proj",
+    "encoder_pooling.2": "add_embedding.proj",
+    "encoder_pooling.3": "add_embedding.norm2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
+
+
+def _df_list(value, what: str) -> list[int]:
+  if isinstance(value, str):
+    return [int(v) for v in value.split(",") if v.strip()]
+  if isinstance(value, (list, tuple)):
+    return [int(v) for v in value]
+  if isinstance(value, int) and not isinstance(value, bool):
+    return [value]
+  raise ConvertError(f"config.yml {what}={value!r} is not a list of ints.")
+
+
+def _df_downsample_rates(value, image_size: int, what: str) -> set[int]:
+  """Resolutions as config.yml writes them -> downsampling rates (ds)."""
+  if isinstance(value, str):
+    return {image_size // r for r in _df_list(value, what)}
+  return set(_df_list(value, what))
+
+
+def deepfloyd_config_to_diffusers(params: dict[str, Any],
+                                  stage_ii: bool) -> dict[str, Any]:
+  """A deepfloyd_if ``config.yml``'s ``params`` as a diffusers U-Net config.
+
+  Args:
+    params: ``config.yml``'s ``params`` (its U-Net's keyword arguments).
+    stage_ii: the checkpoint is a super-resolution U-Net (it has
+      ``aug_proj`` tensors).
+
+  Returns:
+    The ``unet/config.json`` diffusers would write for the same network;
+    ``unet_config_to_model`` maps it on.
+
+  Raises:
+    ConvertError: a key or value we do not map (the message names it).
+  """
+  for key, value in params.items():
+    if key in _DF_READ:
+      continue
+    if key not in _DF_FIXED:
+      raise ConvertError(f"config.yml params key {key!r} is not one we map; "
+                         "this converter reads DeepFloyd IF stage I/II "
+                         "U-Nets.")
+    allowed = _DF_FIXED[key]
+    if allowed is not None and value not in allowed:
+      raise ConvertError(f"config.yml {key}={value!r} is not supported (we "
+                         f"map {', '.join(map(repr, allowed))}).")
+  for key in _DF_REQUIRED:
+    if params.get(key) is None:
+      raise ConvertError(f"config.yml params lacks {key!r}; not an IF stage "
+                         "I/II U-Net config.")
+  head = int(params.get("num_head_channels", -1))
+  if head <= 0:
+    raise ConvertError(f"config.yml num_head_channels={head}: a fixed head "
+                       "count gives each level its own head width; not "
+                       "mapped.")
+  mult = _df_list(params.get("channel_mult", "1,2,4,8"), "channel_mult")
+  levels = len(mult)
+  size = int(params["image_size"])
+  attn = _df_downsample_rates(params["attention_resolutions"], size,
+                              "attention_resolutions")
+  disable = params.get("disable_self_attentions")
+  if not disable:
+    no_self = set()
+  elif disable is True:
+    no_self = set(attn)
+  else:
+    no_self = _df_downsample_rates(disable, size, "disable_self_attentions")
+  has_attn = [2 ** level in attn for level in range(levels)]
+  width = int(params["model_channels"])
+  blocks = params["num_res_blocks"]
+  blocks = (int(blocks) if isinstance(blocks, int)
+            else _df_list(blocks, "num_res_blocks"))
+  cfg = dict(
+      _class_name="UNet2DConditionModel", act_fn="gelu",
+      resnet_time_scale_shift="scale_shift", cross_attention_norm="group_norm",
+      mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+      addition_embed_type="text",
+      addition_embed_type_num_heads=int(params["att_pool_heads"]),
+      attention_head_dim=head, norm_num_groups=32,
+      sample_size=size,
+      in_channels=int(params["in_channels"]),
+      out_channels=int(params["out_channels"]),
+      block_out_channels=[width * m for m in mult],
+      layers_per_block=blocks,
+      time_embedding_dim=width * max(mult),
+      cross_attention_dim=int(params["encoder_channels"]),
+      encoder_hid_dim=int(params["encoder_dim"]),
+      down_block_types=["SimpleCrossAttnDownBlock2D" if a else
+                        "ResnetDownsampleBlock2D" for a in has_attn],
+      up_block_types=["SimpleCrossAttnUpBlock2D" if a else
+                      "ResnetUpsampleBlock2D" for a in reversed(has_attn)],
+      only_cross_attention=[2 ** level in no_self for level in range(levels)],
+      mid_block_only_cross_attention=2 ** (levels - 1) in no_self,
+  )
+  if cfg["cross_attention_dim"] == cfg["encoder_hid_dim"]:
+    raise ConvertError("config.yml encoder_dim equals encoder_channels: that "
+                       "U-Net has no text projection; not mapped.")
+  if params.get("efficient_activation"):
+    cfg.update(time_embedding_act_fn="gelu", resnet_skip_time_act=True)
+  if params.get("scale_skip_connection"):
+    cfg.update(resnet_out_scale_factor=1 / 0.7071,
+               mid_block_scale_factor=1 / 0.7071)
+  if stage_ii:
+    cfg["class_embed_type"] = "timestep"
+  return cfg
+
+
+def deepfloyd_prefixes(cfg: dict[str, Any]) -> dict[str, str]:
+  """deepfloyd_if module prefixes -> diffusers ones, for one U-Net config.
+
+  Args:
+    cfg: from ``deepfloyd_config_to_diffusers``.
+
+  Returns:
+    E.g. "input_blocks.5.1" -> "down_blocks.1.attentions.0": deepfloyd
+    numbers its blocks in one sequence per side (a res block with its
+    attention, then the resampling res block closing a level).
+  """
+  levels = len(cfg["block_out_channels"])
+  blocks = _per_level(cfg["layers_per_block"], levels, "num_res_blocks")
+  attn = [t.startswith("SimpleCrossAttn") for t in cfg["down_block_types"]]
+  table = {"middle_block.0": "mid_block.resnets.0",
+           "middle_block.1": "mid_block.attentions.0",
+           "middle_block.2": "mid_block.resnets.1"}
+  n = 1
+  for level in range(levels):
+    for j in range(blocks[level]):
+      table[f"input_blocks.{n}.0"] = f"down_blocks.{level}.resnets.{j}"
+      if attn[level]:
+        table[f"input_blocks.{n}.1"] = f"down_blocks.{level}.attentions.{j}"
+      n += 1
+    if level != levels - 1:
+      table[f"input_blocks.{n}.0"] = f"down_blocks.{level}.downsamplers.0"
+      n += 1
+  n = 0
+  for level in reversed(range(levels)):
+    up = levels - 1 - level
+    for j in range(blocks[level] + 1):
+      table[f"output_blocks.{n}.0"] = f"up_blocks.{up}.resnets.{j}"
+      k = 1
+      if attn[level]:
+        table[f"output_blocks.{n}.1"] = f"up_blocks.{up}.attentions.{j}"
+        k = 2
+      if level and j == blocks[level]:
+        table[f"output_blocks.{n}.{k}"] = f"up_blocks.{up}.upsamplers.0"
+      n += 1
+  return table
+
+
+def deepfloyd_key(key: str, prefixes: dict[str, str],
+                  cfg: dict[str, Any]) -> list[tuple[str, int, int]]:
+  """The diffusers tensor(s) one deepfloyd_if tensor becomes.
+
+  Args:
+    key: e.g. "input_blocks.5.1.qkv.weight".
+    prefixes: from ``deepfloyd_prefixes``.
+    cfg: the diffusers config.
+
+  Returns:
+    (diffusers name, part, parts) triples: deepfloyd's attention packs
+    q, k, v (and the text's k, v) into one 1x1 convolution, head by head,
+    so such a tensor splits into ``parts`` and this name takes ``part``.
+    parts == 1 is the whole tensor (a 1x1 Conv1d weight loses its last axis).
+
+  Raises:
+    ConvertError: a name that does not map.
+  """
+  unmapped = ConvertError(f"tensor {key!r} is not one we map.")
+  module, _, param = key.rpartition(".")
+  if param not in ("weight", "bias", "positional_embedding"):
+    raise unmapped
+  if key == "encoder_pooling.1.positional_embedding":
+    return [("add_embedding.pool.positional_embedding", 0, 1)]
+  if module in _DF_TOP:
+    return [(f"{_DF_TOP[module]}.{param}", 0, 1)]
+  parts = module.split(".")
+  depth = 2 if parts[0] == "middle_block" else 3
+  prefix, sub = ".".join(parts[:depth]), ".".join(parts[depth:])
+  if prefix not in prefixes or param == "positional_embedding":
+    raise unmapped
+  target = prefixes[prefix]
+  if ".attentions." not in target:
+    if sub not in _DF_RES:
+      raise unmapped
+    return [(f"{target}.{_DF_RES[sub]}.{param}", 0, 1)]
+  if sub in _DF_ATTN:
+    return [(f"{target}.{_DF_ATTN[sub]}.{param}", 0, 1)]
+  if sub == "encoder_kv":
+    return [(f"{target}.add_k_proj.{param}", 0, 2),
+            (f"{target}.add_v_proj.{param}", 1, 2)]
+  if sub == "qkv":
+    level = target.split(".")[1]
+    if target.startswith("mid_block"):
+      cross_only = cfg["mid_block_only_cross_attention"]
+    elif target.startswith("down_blocks"):
+      cross_only = cfg["only_cross_attention"][int(level)]
+    else:
+      cross_only = cfg["only_cross_attention"][::-1][int(level)]
+    if cross_only:
+      return [(f"{target}.to_q.{param}", 0, 1)]
+    return [(f"{target}.to_{name}.{param}", i, 3)
+            for i, name in enumerate("qkv")]
+  raise unmapped
+
+
+def deepfloyd_part_shape(shape: tuple[int, ...], part: int, parts: int,
+                         head_dim: int, key: str) -> tuple[int, ...]:
+  """The shape of ``deepfloyd_part`` of a tensor of ``shape`` (no data)."""
+  del part
+  shape = tuple(shape)
+  if len(shape) == 3:
+    if shape[2] != 1:
+      raise ConvertError(f"tensor {key!r} of shape {shape} is not a 1x1 "
+                         "Conv1d weight.")
+    shape = shape[:2]
+  if parts > 1 and shape[0] % (parts * head_dim):
+    raise ConvertError(f"tensor {key!r} of shape {shape} does not split "
+                       f"into {parts} parts of {head_dim}-wide heads.")
+  return (shape[0] // parts,) + shape[1:]
+
+
+def deepfloyd_part(value: np.ndarray, part: int, parts: int,
+                   head_dim: int) -> np.ndarray:
+  """One of the ``parts`` a packed deepfloyd attention tensor holds.
+
+  Args:
+    value: the stored tensor, [parts * C, ...] (a Conv1d weight's trailing
+      kernel axis of 1 is dropped).
+    part: which (q, k, v order; or k, v for the text's projection).
+    parts: how many it packs.
+    head_dim: channels per head.
+
+  Returns:
+    The rows of that part, [C, ...], heads in order.
+  """
+  if value.ndim == 3:
+    value = value[..., 0]
+  if parts == 1:
+    return value
+  rest = value.shape[1:]
+  heads = value.shape[0] // (parts * head_dim)
+  # Rows run head by head, each head holding its parts' head_dim rows in
+  # turn (deepfloyd reshapes to [heads, parts * head_dim] and splits).
+  return value.reshape((heads, parts, head_dim) + rest)[:, part].reshape(
+      (heads * head_dim,) + rest)

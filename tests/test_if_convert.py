@@ -161,12 +161,16 @@ def test_bad_inputs_are_one_line_exit_2(converted, tmp_path, capsys):
   json.dump(cfg, open(cfg_path, "w"))
   assert "'brand_new_option'" in _fails(capsys, "--src", broken, "--out", out,
                                         "--variant", "fp16")
-  # deepfloyd_if's own layout.
+  # deepfloyd_if's layout without its weights (tests/test_if_deepfloyd.py
+  # converts a whole one).
   orig = tmp_path / "orig"
   orig.mkdir()
   (orig / "config.yml").write_text("params: {}\n")
-  assert "deepfloyd_if's own layout" in _fails(capsys, "--src", str(orig),
-                                               "--out", out)
+  assert "pytorch_model.bin is missing" in _fails(capsys, "--src", str(orig),
+                                                  "--out", out)
+  # Neither layout.
+  assert "no unet/config.json" in _fails(capsys, "--src", str(tmp_path),
+                                         "--out", out)
 
 
 def test_notebook_if_section_runs_headless(converted, monkeypatch):
