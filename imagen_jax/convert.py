@@ -220,7 +220,14 @@ class LazyParam:
 
   def __init__(self, shape: Sequence[int], load: Callable[[], Any],
                name: str, dtype: Any = np.float32):
-    """Args: shape, load (returns the array), name (for messages), dtype."""
+    """Describes one parameter without reading it.
+
+    Args:
+      shape: its shape in our layout.
+      load: returns the converted array (reads the file).
+      name: file and tensor, for messages.
+      dtype: the array's dtype.
+    """
     self.shape = tuple(int(n) for n in shape)
     self.dtype = np.dtype(dtype)
     self.name = name

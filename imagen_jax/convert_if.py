@@ -629,7 +629,22 @@ def deepfloyd_key(key: str, prefixes: dict[str, str],
 
 def deepfloyd_part_shape(shape: tuple[int, ...], part: int, parts: int,
                          head_dim: int, key: str) -> tuple[int, ...]:
-  """The shape of ``deepfloyd_part`` of a tensor of ``shape`` (no data)."""
+  """The shape ``deepfloyd_part`` gives, from the stored shape alone.
+
+  Args:
+    shape: the stored tensor's shape.
+    part: which part (every part has the same shape).
+    parts: how many parts the tensor packs.
+    head_dim: channels per attention head.
+    key: the tensor's name, for the message.
+
+  Returns:
+    The part's shape (a 1x1 Conv1d weight's kernel axis dropped).
+
+  Raises:
+    ConvertError: a shape that is not a 1x1 Conv1d weight or does not split
+      into whole heads.
+  """
   del part
   shape = tuple(shape)
   if len(shape) == 3:
