@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -91,3 +92,61 @@ def test_resume_falls_back_past_a_damaged_step(damage, reference, tmp_path,
   for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(second["state"])),
                   jax.tree_util.tree_leaves(ref_state)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """A workdir trained 2 steps (one committed checkpoint, step 2)."""
+  workdir = str(tmp_path_factory.mktemp("two") / "run")
+  loop.train(_config(2), workdir, progress=False)
+  return workdir
+
+
+def _wider(config):
+  config.model.base_channels = 24
+
+
+def _adafactor(config):
+  config.optimizer.name = "adafactor"
+
+
+@pytest.mark.parametrize("change,names", [
+    (_wider, "params/"), (_adafactor, "opt_state/")],
+    ids=["model_width", "optimizer"])
+def test_a_state_of_another_structure_is_a_config_error(
+    change, names, two_steps, tmp_path, capsys):
+  # A copy, so both cases start from the same committed step.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_steps, workdir)
+  config_json = os.path.join(workdir, "config.json")
+  if change is _wider:
+    # The workdir's config.json would refuse a wider model before any
+    # checkpoint is read; without it only the checkpoint can tell.
+    os.remove(config_json)
+    saved_config = None
+  else:
+    with open(config_json, "rb") as f:
+      saved_config = f.read()
+  before = _files(workdir)
+  config = _config(4)
+  change(config)
+  with pytest.raises(SystemExit) as exit_info:
+    loop.run_as_cli("imagen-train", loop.train, config, workdir,
+                    progress=False)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert "Traceback" not in err
+  assert err.startswith("imagen-train: checkpoint step 2 in "), err
+  assert os.path.join(workdir, "checkpoints") in err, err
+  assert names in err and "another structure" in err, err
+  assert "new --workdir" in err, err
+  # Nothing moved aside, deleted or overwritten: the config the run was
+  # trained with is still there to resume with.
+  assert Checkpointer(workdir).all_steps() == [2]
+  assert not any(".damaged" in name for name in _files(workdir))
+  after = _files(workdir)
+  assert {k: v for k, v in after.items() if k in before} == before
+  if saved_config is not None:
+    with open(config_json, "rb") as f:
+      assert f.read() == saved_config

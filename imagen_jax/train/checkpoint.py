@@ -374,6 +374,76 @@ def _read_state(state_dir: str, record: list, target: Any,
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+class StructureMismatch(ValueError):
+  """A committed step holds a state of another structure than the target.
+
+  Not damage: every step of the run would read the same, so restore stops
+  with this one-line error instead of falling back to an older step.
+  """
+
+
+def _saved_leaves(state_dir: str, record: list) -> dict:
+  """{keys: (dtype, shape)} of every leaf a packed step holds (no array data).
+
+  Packed leaves come from ``record``; the large ones from orbax's metadata.
+  """
+  saved = {tuple(e["path"]): (e["dtype"], tuple(e["shape"])) for e in record}
+  item = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = getattr(item, "item_metadata", item)
+  tree = getattr(tree, "tree", tree)
+
+  def walk(node, keys):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, keys + (str(k),))
+    elif isinstance(node, (list, tuple)):
+      for i, v in enumerate(node):
+        walk(v, keys + (str(i),))
+    else:
+      saved[keys] = (np.dtype(node.dtype).name, tuple(node.shape))
+  walk(dict(tree).get("large", {}), ())
+  return saved
+
+
+def _describe(dtype_shape: tuple) -> str:
+  dtype, shape = dtype_shape
+  return f"{dtype}{list(shape)}"
+
+
+def check_structure(state_dir: str, record: list, target: Any, where: str
+                    ) -> None:
+  """Raises ``StructureMismatch`` unless a step holds ``target``'s leaves.
+
+  Args:
+    state_dir: the step's ``state`` directory.
+    record: ``meta["packed"]`` of the step.
+    target: ShapeDtypeStructs shaped like the whole saved state.
+    where: the step, for the message (e.g. "step 4 of gs://b/run").
+
+  Raises:
+    StructureMismatch: one line naming the first difference and the count.
+  """
+  saved = _saved_leaves(state_dir, record)
+  want = {_path_keys(path): (np.dtype(t.dtype).name, tuple(t.shape))
+          for path, t in jax.tree_util.tree_flatten_with_path(target)[0]}
+  diffs = []
+  for keys in sorted(set(saved) | set(want)):
+    name = "/".join(keys)
+    if keys not in want:
+      diffs.append(f"{name} is in the checkpoint only")
+    elif keys not in saved:
+      diffs.append(f"{name} is not in the checkpoint")
+    elif saved[keys] != want[keys]:
+      diffs.append(f"{name} was saved as {_describe(saved[keys])}, the config "
+                   f"builds {_describe(want[keys])}")
+  if diffs:
+    more = f" ({len(diffs)} arrays differ)" if len(diffs) > 1 else ""
+    raise StructureMismatch(
+        f"{where} holds a train state of another structure than this config "
+        f"builds: {diffs[0]}{more}; resume with the config the run was "
+        "trained with (model, optimizer) or use a new --workdir.")
+
+
 def _available_host_bytes() -> int:
   try:
     import psutil  # pylint: disable=g-import-not-at-top
@@ -607,6 +677,8 @@ class Checkpointer:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
         fileio.join(step_dir, "meta"))
     if "packed" in meta:
+      check_structure(fileio.join(step_dir, "state"), meta["packed"], target,
+                      f"checkpoint step {step} in {self.directory}")
       state = _read_state(fileio.join(step_dir, "state"), meta["packed"],
                           target)
     else:  # written before packing
@@ -624,6 +696,9 @@ class Checkpointer:
                      ) -> Optional[tuple[int, TrainState, dict]]:
     """Restores the newest committed step that reads back whole.
 
+    A step that reads back but holds another structure than ``abstract``
+    (the config changed the model or the optimizer) raises
+    ``StructureMismatch``: that is the config's fault, and no step is moved.
     A step whose files were damaged after their commit (a truncated or
     corrupted array file, a disk that lost a write) is skipped with one
     warning line naming it and the step used instead. Nothing is deleted:
@@ -637,6 +712,9 @@ class Checkpointer:
     for i in range(len(steps) - 1, -1, -1):
       try:
         state, meta = self.restore(steps[i], abstract, shardings)
+      except StructureMismatch:
+        # A config error, not damage: an older step would not fit either.
+        raise
       except Exception as e:  # pylint: disable=broad-except
         # Any failure to read a step is a damaged step: orbax, tensorstore
         # and the JSON reader raise many types.

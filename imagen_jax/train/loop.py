@@ -126,8 +126,17 @@ def _shape_section(config_json: dict, key: str):
   return {**defaults, **section}
 
 
-def check_workdir_config(workdir: str, config) -> None:
-  """Writes config.json, or refuses a config whose param shapes differ."""
+def check_workdir_config(workdir: str, config, write: bool = True) -> None:
+  """Refuses a config whose param shapes differ from the workdir's run.
+
+  Args:
+    workdir: the run directory (created if absent).
+    config: the config about to run.
+    write: write it as ``config.json`` now. ``train`` writes it only once
+      the checkpoint restored (``write_workdir_config``), so a config that
+      the checkpoint refuses never replaces the one the run was trained
+      with.
+  """
   path = os.path.join(workdir, "config.json")
   new = _config_json(config)
   if fileio.isfile(path):
@@ -146,7 +155,13 @@ def check_workdir_config(workdir: str, config) -> None:
                           f"{new_text.get(key)!r}; use a new --workdir.")
   if jax.process_index() == 0:
     fileio.makedirs(workdir)
-    fileio.write_json(path, new)
+  if write:
+    write_workdir_config(workdir, config)
+
+
+def write_workdir_config(workdir: str, config) -> None:
+  """Writes the run's ``config.json`` (process 0)."""
+  _write_json(os.path.join(workdir, "config.json"), _config_json(config))
 
 
 def _global_batch(local: dict, mesh) -> dict:
@@ -226,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                               if int(np.prod(config.mesh.dcn_shape)) > 1 else None)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  check_workdir_config(workdir, config)
+  check_workdir_config(workdir, config, write=False)
   # First, while nothing else runs: on CPU the peak is a matmul measured now,
   # and the checkpointer's background compile of its snapshot copy or the
   # prefetch threads would share the cores with it (the demo's SR stage
@@ -262,7 +277,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                keep_period=int(config.keep_period),
                                async_save=bool(config.async_checkpoints),
                                snapshot=str(config.checkpoint_snapshot))
-  restored = ckpt.restore_latest(abstract, shardings)
+  try:
+    restored = ckpt.restore_latest(abstract, shardings)
+  except ckpt_lib.StructureMismatch as e:
+    ckpt.close()
+    raise ConfigError(str(e)) from None
+  write_workdir_config(workdir, config)
   if restored is not None:
     latest, state, meta = restored
     position = int(meta["data_position"])
