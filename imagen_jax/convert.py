@@ -30,6 +30,10 @@ time, so host memory stays near the Python/JAX baseline plus that window
 whatever the model's size (measured in benchmarks/RESULTS.md). Anything
 that does not map (not an IF directory, a missing shard, an unsupported
 variant or config key, an unmapped tensor) is one line naming it, exit 2.
+
+``--src``, ``--text_encoder`` and ``--out`` may be local or ``gs://`` URLs
+(``imagen_jax.fileio``); a URL's tensors are read by byte range, one at a
+time, like a local file's.
 """
 
 from __future__ import annotations
@@ -81,26 +85,25 @@ def weight_files(unet_dir: str, variant: str = "") -> list[str]:
     raise convert_if.ConvertError(
         f"--variant={variant!r} is not supported; use '' or fp16.")
   suffix = f".{variant}" if variant else ""
-  single = os.path.join(unet_dir, f"{WEIGHTS}{suffix}.safetensors")
+  single = fileio.join(unet_dir, f"{WEIGHTS}{suffix}.safetensors")
   # diffusers puts the variant last in index names: ...index.fp16.json.
-  index = os.path.join(unet_dir, f"{WEIGHTS}.safetensors.index{suffix}.json")
-  if os.path.isfile(single):
+  index = fileio.join(unet_dir, f"{WEIGHTS}.safetensors.index{suffix}.json")
+  if fileio.isfile(single):
     return [single]
-  if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+  if fileio.isfile(index):
+    shards = sorted(set(fileio.read_json(index)["weight_map"].values()))
     for shard in shards:
-      if not os.path.isfile(os.path.join(unet_dir, shard)):
+      if not fileio.isfile(fileio.join(unet_dir, shard)):
         raise convert_if.ConvertError(
-            f"{os.path.join(unet_dir, shard)} is listed in {index} but "
+            f"{fileio.join(unet_dir, shard)} is listed in {index} but "
             "missing; download every shard.")
-    return [os.path.join(unet_dir, s) for s in shards]
-  if os.path.isfile(os.path.join(unet_dir, f"{WEIGHTS}{suffix}.bin")):
+    return [fileio.join(unet_dir, s) for s in shards]
+  if fileio.isfile(fileio.join(unet_dir, f"{WEIGHTS}{suffix}.bin")):
     raise convert_if.ConvertError(
         f"{unet_dir} has only PyTorch .bin weights for variant "
         f"{variant or 'default'!r}; download the .safetensors files.")
   found = any(".fp16" in f and f.endswith(".safetensors")
-              for f in os.listdir(unet_dir))
+              for f in fileio.listdir(unet_dir))
   hint = " (it has fp16 files: try --variant=fp16)" if found and not variant else ""
   raise convert_if.ConvertError(
       f"{unet_dir} has no {os.path.basename(single)} nor "
@@ -168,14 +171,13 @@ def text_encoder_spec(text_encoder: str, vocab: str,
   from imagen_jax.text import t5_checkpoints  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   te = text_encoder
-  cfg_file = os.path.join(te, "config.json")
+  cfg_file = fileio.join(te, "config.json")
   for path in (cfg_file, vocab):
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
       raise convert_if.ConvertError(
           f"{path} is missing: an IF directory has text_encoder/ (Hugging "
           "Face T5) and tokenizer/spiece.model.")
-  with open(cfg_file) as f:
-    config = t5_checkpoints.hf_config_to_t5(json.load(f), dtype)
+  config = t5_checkpoints.hf_config_to_t5(fileio.read_json(cfg_file), dtype)
   return dict(t5=encoder_lib._size_name(config),  # pylint: disable=protected-access
               source="hf", checkpoint=fileio.abspath(te), seed=0,
               vocab=fileio.abspath(vocab), max_length=IF_MAX_LENGTH,
@@ -189,15 +191,14 @@ def read_unet(src: str, variant: str = "") -> tuple[dict, dict]:
   Returns:
     (the raw ``unet/config.json``, our model fields).
   """
-  if not os.path.isdir(src):
+  if not fileio.isdir(src):
     raise convert_if.ConvertError(f"--src {src!r} is not a directory.")
-  unet_cfg = os.path.join(src, "unet", "config.json")
-  if not os.path.isfile(unet_cfg):
+  unet_cfg = fileio.join(src, "unet", "config.json")
+  if not fileio.isfile(unet_cfg):
     raise convert_if.ConvertError(
         f"{src} is not an IF checkpoint directory: no unet/config.json "
         "(diffusers' layout) nor config.yml (deepfloyd_if's).")
-  with open(unet_cfg) as f:
-    raw = json.load(f)
+  raw = fileio.read_json(unet_cfg)
   if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
     raise convert_if.ConvertError(
         f"{unet_cfg} describes a {raw['_class_name']}, not IF's "
@@ -424,32 +425,34 @@ def convert(src: str, out: str, variant: str = "", resolution: int = 0,
   Returns:
     ``out``.
   """
-  if not os.path.isdir(src):
+  if not fileio.isdir(src):
     raise convert_if.ConvertError(f"--src {src!r} is not a directory.")
-  deepfloyd = (not os.path.isfile(os.path.join(src, "unet", "config.json"))
-               and os.path.isfile(os.path.join(src, "config.yml")))
+  deepfloyd = (not fileio.isfile(fileio.join(src, "unet", "config.json"))
+               and fileio.isfile(fileio.join(src, "config.yml")))
   if deepfloyd:
     fields, entries, files = _read_deepfloyd(src, variant)
   else:
     _, fields = read_unet(src, variant)
-    files = weight_files(os.path.join(src, "unet"), variant)
+    files = weight_files(fileio.join(src, "unet"), variant)
     entries = []
     for name in files:
       entries += [(os.path.basename(name), key, ref.shape, ref.read)
                   for key, ref in _refs(name).items()]
   if not text_encoder:
-    text_encoder = os.path.join(src, "text_encoder")
+    text_encoder = fileio.join(src, "text_encoder")
     if deepfloyd:
       raise convert_if.ConvertError(
           f"{src} is in deepfloyd_if's layout, which holds no T5: pass "
           "--text_encoder=<an IF diffusers directory>/text_encoder (or a "
           "Hugging Face T5-v1.1-XXL directory).")
   if not vocab:
-    vocab = os.path.join(os.path.dirname(os.path.normpath(text_encoder)),
-                         "tokenizer", "spiece.model")
-    if not os.path.isfile(vocab) and os.path.isfile(
-        os.path.join(text_encoder, "spiece.model")):
-      vocab = os.path.join(text_encoder, "spiece.model")
+    # normpath would fold a URL's "//"; a URL only loses its trailing "/".
+    parent = os.path.dirname(text_encoder.rstrip("/") if fileio.is_remote(
+        text_encoder) else os.path.normpath(text_encoder))
+    vocab = fileio.join(parent, "tokenizer", "spiece.model")
+    if not fileio.isfile(vocab) and fileio.isfile(
+        fileio.join(text_encoder, "spiece.model")):
+      vocab = fileio.join(text_encoder, "spiece.model")
   config = stage_config(fields, text_encoder, vocab, fields["lowres_cond"],
                         resolution, lowres_resolution)
   spec = text_encoder_spec(text_encoder, vocab, str(config.text.dtype))
@@ -498,15 +501,14 @@ def _read_deepfloyd(src: str, variant: str):
     raise convert_if.ConvertError(
         f"--variant={variant!r} names diffusers weight files; {src} is in "
         "deepfloyd_if's layout (one pytorch_model.bin): drop --variant.")
-  cfg_file = os.path.join(src, "config.yml")
-  weights = os.path.join(src, "pytorch_model.bin")
-  if not os.path.isfile(weights):
+  cfg_file = fileio.join(src, "config.yml")
+  weights = fileio.join(src, "pytorch_model.bin")
+  if not fileio.isfile(weights):
     raise convert_if.ConvertError(
         f"{weights} is missing: deepfloyd_if's layout is config.yml + "
         "pytorch_model.bin.")
   try:
-    with open(cfg_file) as f:
-      raw = yaml.safe_load(f)
+    raw = yaml.safe_load(fileio.read_text(cfg_file))
   except yaml.YAMLError as e:
     raise convert_if.ConvertError(
         f"{cfg_file} is not YAML: {str(e).splitlines()[0]}") from None

@@ -294,3 +294,17 @@ def local_dir_copy(path: str, dest: str) -> str:
   else:
     shutil.copytree(path, local, dirs_exist_ok=True)
   return local
+
+
+
+def read_range(path: str, offset: int, nbytes: int) -> bytes:
+  """``nbytes`` bytes of a file from ``offset`` (fewer at its end).
+
+  A URL is read with one ranged request and no read-ahead cache, so a
+  large range is held once.
+  """
+  if is_remote(path):
+    return _fs(path).cat_file(path, start=offset, end=offset + nbytes)
+  with open(path, "rb") as f:
+    f.seek(offset)
+    return f.read(nbytes)

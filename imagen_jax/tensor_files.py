@@ -15,6 +15,8 @@ one tensor at a time rather than the whole state dict. Two formats:
 
 Reads go through ``np.fromfile`` at an offset rather than a memory map, so
 the file's pages count as page cache, not as the process's resident memory.
+A URL (``gs://...``) is read through ``fileio``: headers and zip directories
+by small reads, each tensor by one ranged request when asked for.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import zipfile
 from typing import Optional
 
 import numpy as np
+
+from imagen_jax import fileio
 
 
 class TensorFileError(ValueError):
@@ -84,8 +88,13 @@ class TensorRef:
       An array of ``shape`` and the stored ``dtype``.
     """
     count = self.extent
-    flat = np.fromfile(self.path, dtype=self.dtype, count=count,
-                       offset=self.offset)
+    if fileio.is_remote(self.path):
+      # Read-only (a view of the downloaded bytes, not a second copy).
+      flat = np.frombuffer(fileio.read_range(
+          self.path, self.offset, count * self.dtype.itemsize), self.dtype)
+    else:
+      flat = np.fromfile(self.path, dtype=self.dtype, count=count,
+                         offset=self.offset)
     if flat.size != count:
       raise TensorFileError(
           f"{os.path.basename(self.path)}: tensor {self.name!r} runs past "
@@ -111,19 +120,18 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
     TensorFileError: not a safetensors file, or a dtype numpy cannot hold.
   """
   name = os.path.basename(path)
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) != 8:
-      raise TensorFileError(f"{name} is not a safetensors file (too short).")
-    (length,) = struct.unpack("<Q", head)
-    if length > size - 8:
-      raise TensorFileError(f"{name} is not a safetensors file (its header "
-                            "length exceeds the file).")
-    try:
-      header = json.loads(f.read(length))
-    except ValueError as e:
-      raise TensorFileError(f"{name} is not a safetensors file ({e}).") from e
+  size = fileio.size(path)
+  head = fileio.read_range(path, 0, 8)
+  if len(head) != 8:
+    raise TensorFileError(f"{name} is not a safetensors file (too short).")
+  (length,) = struct.unpack("<Q", head)
+  if length > size - 8:
+    raise TensorFileError(f"{name} is not a safetensors file (its header "
+                          "length exceeds the file).")
+  try:
+    header = json.loads(fileio.read_range(path, 8, length))
+  except ValueError as e:
+    raise TensorFileError(f"{name} is not a safetensors file ({e}).") from e
   base = 8 + length
   out = {}
   for key, entry in header.items():
@@ -237,12 +245,18 @@ def read_torch_zip(path: str) -> dict[str, TensorRef]:
     TensorFileError: not a torch zip checkpoint, a pickle that builds
       anything but a flat dict of tensors, or a tensor outside its storage.
   """
+  with fileio.open_file(path, "rb") as f:
+    return _read_torch_zip(f, path)
+
+
+def _read_torch_zip(f, path: str) -> dict[str, TensorRef]:
+  """``read_torch_zip`` over an open file ``f`` of ``path``."""
   name = os.path.basename(path)
-  if not zipfile.is_zipfile(path):
+  if not zipfile.is_zipfile(f):
     raise TensorFileError(
         f"{name} is not a torch zip checkpoint (torch.save's format since "
         "torch 1.6); re-save it with a recent torch.")
-  with zipfile.ZipFile(path) as zf:
+  with zipfile.ZipFile(f) as zf:
     pickles = [n for n in zf.namelist() if n.endswith("/data.pkl")
                and n.count("/") == 1]
     if len(pickles) != 1:
@@ -265,32 +279,31 @@ def read_torch_zip(path: str) -> dict[str, TensorRef]:
     raise TensorFileError(f"{name}: data.pkl holds a {type(state).__name__},"
                           " not a state dict.")
   out = {}
-  with open(path, "rb") as f:
-    offsets = {}
-    for key, value in state.items():
-      if not (isinstance(key, str) and isinstance(value, tuple)):
-        raise TensorFileError(f"{name}: entry {key!r} is not a tensor.")
-      storage, first, shape, strides = value
-      info = infos[storage.member]
-      if info.compress_type != zipfile.ZIP_STORED:
-        raise TensorFileError(f"{name}: storage {info.filename} is "
-                              "compressed; torch writes them stored.")
-      if info.file_size != storage.numel * storage.dtype.itemsize:
-        raise TensorFileError(f"{name}: storage {info.filename} holds "
-                              f"{info.file_size} bytes, not {storage.numel} "
-                              f"{storage.dtype} values.")
-      if storage.member not in offsets:
-        offsets[storage.member] = _member_data_offset(f, info)
-      ref = TensorRef(path,
-                      offsets[storage.member] + first * storage.dtype.itemsize,
-                      storage.dtype, shape, strides, key)
-      contiguous = all(
-          s == int(math.prod(shape[i + 1:])) for i, (n, s) in
-          enumerate(zip(shape, strides)) if n > 1)
-      if contiguous:
-        ref = dataclasses.replace(ref, strides=None)
-      if first < 0 or first + ref.extent > storage.numel:
-        raise TensorFileError(f"{name}: tensor {key!r} lies outside its "
-                              "storage.")
-      out[key] = ref
+  offsets = {}
+  for key, value in state.items():
+    if not (isinstance(key, str) and isinstance(value, tuple)):
+      raise TensorFileError(f"{name}: entry {key!r} is not a tensor.")
+    storage, first, shape, strides = value
+    info = infos[storage.member]
+    if info.compress_type != zipfile.ZIP_STORED:
+      raise TensorFileError(f"{name}: storage {info.filename} is "
+                            "compressed; torch writes them stored.")
+    if info.file_size != storage.numel * storage.dtype.itemsize:
+      raise TensorFileError(f"{name}: storage {info.filename} holds "
+                            f"{info.file_size} bytes, not {storage.numel} "
+                            f"{storage.dtype} values.")
+    if storage.member not in offsets:
+      offsets[storage.member] = _member_data_offset(f, info)
+    ref = TensorRef(path,
+                    offsets[storage.member] + first * storage.dtype.itemsize,
+                    storage.dtype, shape, strides, key)
+    contiguous = all(
+        s == int(math.prod(shape[i + 1:])) for i, (n, s) in
+        enumerate(zip(shape, strides)) if n > 1)
+    if contiguous:
+      ref = dataclasses.replace(ref, strides=None)
+    if first < 0 or first + ref.extent > storage.numel:
+      raise TensorFileError(f"{name}: tensor {key!r} lies outside its "
+                            "storage.")
+    out[key] = ref
   return out

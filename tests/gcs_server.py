@@ -9,18 +9,25 @@ points every library the project uses for gs:// at it:
 - google-cloud-storage (orbax's step listing) and gcsfs (``fileio``, and
   etils.epath once ``EPATH_USE_TF=false``): ``STORAGE_EMULATOR_HOST``.
 
-TF's own GCS client has its endpoints hard-coded; the project does not route
-gs:// through it (see ``imagen_jax.fileio``). The variables must be set
-before those libraries are imported, so tests run the CLIs in subprocesses
-with ``env()``.
+TF's own GCS client (tf.io.gfile: what tfds reads a ``data_dir`` through)
+has its endpoints hard-coded; ``TfProxy`` reaches the server through
+``https_proxy`` instead (see ``tf_env``). The variables must be set before
+those libraries are imported, so tests run the CLIs in subprocesses with
+``env()``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import shutil
 import socket
+import socketserver
+import ssl
 import subprocess
+import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -80,6 +87,31 @@ class GcsServer:
     urllib.request.urlopen(req, timeout=10).read()
     return f"gs://{name}"
 
+  def upload(self, bucket: str, name: str, data: bytes) -> None:
+    """Writes one object (a simple media upload)."""
+    req = urllib.request.Request(
+        f"{self.url}/upload/storage/v1/b/{bucket}/o?" + urllib.parse.urlencode(
+            {"uploadType": "media", "name": name}),
+        data=data, method="POST",
+        headers={"Content-Type": "application/octet-stream"})
+    urllib.request.urlopen(req, timeout=60).read()
+
+  def upload_dir(self, local: str, bucket: str, prefix: str) -> int:
+    """Uploads every file under a local directory to ``prefix/<relative>``.
+
+    Returns:
+      The number of files uploaded.
+    """
+    n = 0
+    for root, _, files in os.walk(local):
+      for f in files:
+        path = os.path.join(root, f)
+        rel = os.path.relpath(path, local).replace(os.sep, "/")
+        with open(path, "rb") as fh:
+          self.upload(bucket, f"{prefix}/{rel}", fh.read())
+        n += 1
+    return n
+
   def list(self, bucket: str, prefix: str = "") -> list[str]:
     """Names of the objects under ``prefix`` (all pages)."""
     names, token = [], None
@@ -119,6 +151,158 @@ class GcsServer:
       except subprocess.TimeoutExpired:
         self._proc.kill()
         self._proc.wait()
+
+
+# The hosts TF's GCS client talks to (its JSON API and its uploads).
+TF_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+# Request headers the proxy does not pass on: hop-by-hop ones, the body
+# framing it re-does, and the host it rewrites.
+_DROPPED = ("host", "transfer-encoding", "expect", "connection",
+            "proxy-connection", "content-length", "keep-alive")
+
+
+class TfProxy:
+  """An HTTPS CONNECT proxy that hands TF's GCS requests to a ``GcsServer``.
+
+  TF's client trusts ``CURL_CA_BUNDLE``; the proxy answers CONNECT to the
+  hosts in ``TF_HOSTS`` with a self-signed certificate for them, reads
+  each HTTP request inside the tunnel, and forwards it in plain HTTP to the
+  server with ``Host`` rewritten (the server builds resumable-upload URLs
+  from it) and the body re-framed: TF sends ``Transfer-Encoding: identity``
+  on empty POSTs, which the server refuses with 501 and TF retries for
+  minutes.
+  """
+
+  def __init__(self, server: GcsServer):
+    self.server = server
+    self._dir = tempfile.mkdtemp(prefix="tf_proxy_")
+    self.cert = os.path.join(self._dir, "cert.pem")
+    key = os.path.join(self._dir, "key.pem")
+    alt = ",".join(f"DNS:{h}" for h in TF_HOSTS)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+         "-keyout", key, "-out", self.cert, "-days", "2", "-subj",
+         f"/CN={TF_HOSTS[0]}", "-addext", f"subjectAltName={alt}"],
+        check=True, capture_output=True)
+    self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    self._tls.load_cert_chain(self.cert, key)
+    proxy = self
+
+    class Handler(socketserver.StreamRequestHandler):
+      def handle(self):
+        proxy._tunnel(self.connection, self.rfile)
+
+    class Server(socketserver.ThreadingTCPServer):
+      daemon_threads = True
+      allow_reuse_address = True
+
+    self._srv = Server(("127.0.0.1", 0), Handler)
+    self.port = self._srv.server_address[1]
+    threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+
+  def _tunnel(self, conn, rfile) -> None:
+    line = rfile.readline().decode("latin-1").split()
+    _read_headers(rfile)
+    if len(line) < 2 or line[0] != "CONNECT" or \
+        line[1].split(":")[0] not in TF_HOSTS:
+      conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+      return
+    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    try:
+      tls = self._tls.wrap_socket(conn, server_side=True)
+    except (ssl.SSLError, OSError):
+      return
+    with tls:
+      tin = tls.makefile("rb")
+      while self._forward(tls, tin):
+        pass
+
+  def _forward(self, tls, tin) -> bool:
+    """Forwards one request; False when the client closed the tunnel."""
+    try:
+      line = tin.readline().decode("latin-1")
+    except (ssl.SSLError, OSError):
+      return False
+    if not line.strip():
+      return False
+    method, path = line.split()[:2]
+    headers = _read_headers(tin)
+    lower = {k.lower(): v for k, v in headers}
+    if lower.get("expect", "").lower() == "100-continue":
+      tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if lower.get("transfer-encoding", "").lower() == "chunked":
+      body = _read_chunked(tin)
+    else:
+      body = tin.read(int(lower.get("content-length", 0) or 0))
+    out = [(k, v) for k, v in headers if k.lower() not in _DROPPED]
+    out.append(("Host", f"127.0.0.1:{self.server.port}"))
+    if body or method in ("POST", "PUT", "PATCH"):
+      out.append(("Content-Length", str(len(body))))
+    back = http.client.HTTPConnection("127.0.0.1", self.server.port,
+                                      timeout=60)
+    try:
+      back.putrequest(method, path, skip_host=True,
+                      skip_accept_encoding=True)
+      for k, v in out:
+        back.putheader(k, v)
+      back.endheaders(body)
+      resp = back.getresponse()
+      data = resp.read()
+      reply = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+      for k, v in resp.getheaders():
+        if k.lower() in ("transfer-encoding", "connection", "keep-alive"):
+          continue
+        if k.lower() == "content-length" and method != "HEAD":
+          continue
+        reply.append(f"{k}: {v}")
+      if method != "HEAD":
+        reply.append(f"Content-Length: {len(data)}")
+    finally:
+      back.close()
+    tls.sendall(("\r\n".join(reply) + "\r\n\r\n").encode("latin-1") + data)
+    return True
+
+  def env(self) -> dict:
+    """Variables that send TF's GCS client here (with ``GcsServer.env``)."""
+    return {"https_proxy": f"http://127.0.0.1:{self.port}",
+            "HTTPS_PROXY": f"http://127.0.0.1:{self.port}",
+            "CURL_CA_BUNDLE": self.cert}
+
+  def stop(self) -> None:
+    self._srv.shutdown()
+    self._srv.server_close()
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _read_headers(rfile) -> list[tuple[str, str]]:
+  headers = []
+  while True:
+    line = rfile.readline().decode("latin-1")
+    if line in ("\r\n", "\n", ""):
+      return headers
+    k, _, v = line.partition(":")
+    headers.append((k.strip(), v.strip()))
+
+
+def _read_chunked(rfile) -> bytes:
+  parts = []
+  while True:
+    n = int(rfile.readline().split(b";")[0].strip() or b"0", 16)
+    if n == 0:
+      _read_headers(rfile)  # trailers
+      return b"".join(parts)
+    parts.append(rfile.read(n))
+    rfile.readline()
+
+
+def start_tf_proxy(server: GcsServer) -> tuple[Optional[TfProxy], str]:
+  """(proxy, "") or (None, why it cannot run): tests skip with the reason."""
+  if shutil.which("openssl") is None:
+    return None, "openssl is not installed (the TF proxy's certificate)"
+  try:
+    return TfProxy(server), ""
+  except (OSError, subprocess.CalledProcessError) as e:
+    return None, f"the TF proxy cannot run here: {e}"
 
 
 def start() -> tuple[Optional[GcsServer], str]:

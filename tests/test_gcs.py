@@ -14,8 +14,19 @@ current directory:
      ``imagen-export`` gs -> gs and ``imagen-sample`` from the export, writing
      to the bucket.
 
-The tests then read the bucket through the server's JSON API. Run as a
-script, this file is the subprocesses' driver.
+The tests then read the bucket through the server's JSON API.
+
+A second fixture puts a tiny DeepFloyd IF directory (diffusers layout, fp16
+shards) in another bucket; a subprocess runs ``imagen-convert`` from the
+bucket to the bucket and loads the export through ``Cascade`` (its T5 and
+vocabulary read from the bucket too). A third puts caption sources in a
+bucket (a tfds data_dir prepared by tfds, TFRecord files, webdataset shards)
+and embeds each into a store in the bucket; tfds reads through TF's own GCS
+client, which reaches the server through ``gcs_server.TfProxy``. A fourth
+writes a t5x checkpoint to a bucket and reads it back with a vocabulary
+from the bucket.
+
+Run as a script, this file is the subprocesses' driver.
 """
 
 from __future__ import annotations
@@ -105,10 +116,354 @@ def _driver(phase: str, local_workdir: str) -> None:
                                 "step": gs["step"]}), flush=True)
 
 
+IF_BUCKET = "imagen-if"
+IF_SRC = f"gs://{IF_BUCKET}/IF-I-tiny"
+IF_EXPORT = f"gs://{IF_BUCKET}/exports/if_1"
+
+
+def _if_driver(local_src: str, local_out: str) -> None:
+  """imagen-convert from the bucket to the bucket, and from local to local;
+  both exports load through Cascade, the bucket's one samples from text."""
+  sys.path.insert(0, helpers.ROOT)
+  import jax  # pylint: disable=g-import-not-at-top
+  from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax import convert  # pylint: disable=g-import-not-at-top
+  from imagen_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  codes = [convert.main(["--src", IF_SRC, "--out", IF_EXPORT,
+                         "--variant", "fp16"]),
+           convert.main(["--src", local_src, "--out", local_out,
+                         "--variant", "fp16"])]
+  casc = cascade_lib.Cascade.load([IF_EXPORT])
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  local = cascade_lib.load_stage(local_out, mesh)
+  got = jax.tree_util.tree_leaves_with_path(
+      jax.device_get(casc.stages[0].params))
+  ref = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(local.params)))
+  same = len(got) == len(ref) and all(
+      np.array_equal(np.asarray(v), np.asarray(ref[k])) for k, v in got)
+  settings = cascade_lib.StageSettings.from_config(casc.stages[0].config.sample)
+  settings = type(settings)(**dict(vars(settings),
+                                   timesteps="steps:999,500,0"))
+  images = casc.sample(["a red circle"], settings=[settings], num_samples=2)
+  print("RESULT " + json.dumps({
+      "codes": codes, "params_equal": bool(same), "leaves": len(got),
+      "t5": casc.text_encoder.spec["checkpoint"],
+      "shape": list(images[0].shape), "dtype": str(images[0].dtype)}),
+        flush=True)
+
+
+@pytest.fixture(scope="module")
+def if_story(tmp_path_factory):
+  """A tiny IF directory in the bucket, converted by a subprocess."""
+  server, why = gcs_server.start()
+  if server is None:
+    pytest.skip(why)
+  try:
+    from tests import test_if_convert  # pylint: disable=g-import-not-at-top
+    root = tmp_path_factory.mktemp("if_gs")
+    local_src = str(root / "IF-I-tiny")
+    test_if_convert._write_if_dir(local_src)  # pylint: disable=protected-access
+    server.create_bucket(IF_BUCKET)
+    uploaded = server.upload_dir(local_src, IF_BUCKET, "IF-I-tiny")
+    cwd = tmp_path_factory.mktemp("if_empty_cwd")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "IF", local_src,
+         str(root / "local_export")], cwd=cwd, env=_env(server),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1200)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(next(l for l in out.splitlines()
+                             if l.startswith("RESULT "))[len("RESULT "):])
+    yield dict(server=server, cwd=cwd, result=result, uploaded=uploaded,
+               local_src=local_src)
+  finally:
+    server.stop()
+
+
+def test_convert_reads_an_if_dir_from_gs_and_writes_an_export_to_gs(if_story):
+  server, result = if_story["server"], if_story["result"]
+  assert result["codes"] == [0, 0]
+  # The source really is in the bucket: fp16 shards with their index.
+  src = server.list(IF_BUCKET, "IF-I-tiny/")
+  assert len(src) == if_story["uploaded"]
+  assert "IF-I-tiny/unet/diffusion_pytorch_model.safetensors.index.fp16.json" \
+      in src
+  assert sum(".fp16" in n and n.endswith(".safetensors") for n in src) > 1
+  names = server.list(IF_BUCKET, "exports/if_1/")
+  assert "exports/if_1/stage.json" in names
+  assert "exports/if_1/text_encoder.json" in names
+  assert any(n.startswith("exports/if_1/params/") for n in names)
+  stage = json.loads(server.read(IF_BUCKET, "exports/if_1/stage.json"))
+  assert stage["converted_from"]["src"] == IF_SRC
+  spec = json.loads(server.read(IF_BUCKET, "exports/if_1/text_encoder.json"))
+  assert spec["checkpoint"] == f"{IF_SRC}/text_encoder"
+  assert spec["vocab"] == f"{IF_SRC}/tokenizer/spiece.model"
+
+
+def test_the_gs_export_equals_the_local_one_and_samples_from_text(if_story):
+  result = if_story["result"]
+  # Every converted tensor bitwise equal to a conversion from local disk.
+  assert result["leaves"] > 0 and result["params_equal"]
+  # Cascade.load built the T5 the export records, from the bucket.
+  assert result["t5"] == f"{IF_SRC}/text_encoder"
+  assert result["shape"] == [2, 16, 16, 3] and result["dtype"] == "uint8"
+  assert os.listdir(if_story["cwd"]) == []
+
+
+TFDS_BUCKET = "imagen-sources"
+TFDS_NAME = "gcs_test_captions"
+TFDS_COLOURS = ("red", "green", "blue", "yellow")
+
+
+def _sources_build(root: str) -> None:
+  """A tiny caption dataset under a local ``root``: a tfds data_dir
+  (``tfds/``, prepared by tfds's own builder machinery), a TFRecord file
+  (``records/``) and a webdataset tar shard (``wds/``)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class GcsTestCaptions(tfds.core.GeneratorBasedBuilder):
+    """Coloured squares with captions."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      image = tfds.features.Image(shape=(16, 16, 3), encoding_format="png")
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              "image": image, "caption": tfds.features.Text(),
+              "id": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(N_IMAGES // 2):
+        colour = TFDS_COLOURS[i % 4]
+        img = np.full((16, 16, 3), 240, np.uint8)
+        img[4:12, 4:12] = {"red": (220, 30, 30), "green": (30, 200, 30),
+                           "blue": (30, 30, 220),
+                           "yellow": (230, 220, 30)}[colour]
+        yield f"ex{i}", {"image": img, "caption": f"a {colour} square {i}",
+                         "id": f"ex{i}"}
+
+  assert GcsTestCaptions.name == TFDS_NAME
+  GcsTestCaptions(data_dir=os.path.join(root, "tfds")).download_and_prepare()
+  # The same examples as a TFRecord file and a webdataset tar shard.
+  import io as io_lib  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(root, "records"))
+  os.makedirs(os.path.join(root, "wds"))
+  builder = GcsTestCaptions(data_dir=os.path.join(root, "tfds"))
+  records = os.path.join(root, "records", "train-00000.tfrecord")
+  shard = os.path.join(root, "wds", "shard-00000.tar")
+  with tf.io.TFRecordWriter(records) as rec, tarfile.open(shard, "w") as tar:
+    for key, ex in builder._generate_examples():  # pylint: disable=protected-access
+      buf = io_lib.BytesIO()
+      Image.fromarray(ex["image"]).save(buf, format="PNG")
+      feats = {"image": buf.getvalue(), "caption": ex["caption"].encode(),
+               "id": ex["id"].encode()}
+      rec.write(tf.train.Example(features=tf.train.Features(feature={
+          k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+          for k, v in feats.items()})).SerializeToString())
+      for ext, data in (("png", feats["image"]), ("txt", feats["caption"])):
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        tar.addfile(info, io_lib.BytesIO(data))
+
+
+def _sources_driver() -> None:
+  """imagen-embed from each source in the bucket into a store in the bucket:
+  a tfds data_dir (tfds reads it through TF's own GCS client), TFRecord
+  files and webdataset shards."""
+  sys.path.insert(0, helpers.ROOT)
+  from imagen_jax import embed  # pylint: disable=g-import-not-at-top
+  from imagen_jax.text import store as store_lib  # pylint: disable=g-import-not-at-top
+
+  results = {}
+  for source in ("tfds", "tfrecord", "webdataset"):
+    config = helpers.load_config("tiny")
+    config.data.source = source
+    config.data.name = TFDS_NAME
+    config.data.data_dir = f"gs://{TFDS_BUCKET}/tfds"
+    config.data.files = {
+        "tfds": "", "tfrecord": f"gs://{TFDS_BUCKET}/records/*.tfrecord",
+        "webdataset": f"gs://{TFDS_BUCKET}/wds/*.tar"}[source]
+    config.data.image_key = "image"
+    config.data.caption_key = "caption"
+    config.data.id_key = "id"
+    config.data.store = f"gs://{TFDS_BUCKET}/run/{source}"
+    config.embed.batch_size = 4
+    config.embed.shard_size = 4
+    config.embed.mesh_shape = (1, 1, 1)
+    embed.run_embed(config, f"gs://{TFDS_BUCKET}/run", progress=False)
+    store = store_lib.EmbeddingStore(config.data.store)
+    records = store.get_many(range(len(store)))
+    results[source] = {"ids": sorted(r["id"] for r in records),
+                       "captions": sorted(r["caption"] for r in records),
+                       "sides": [int(x) for x in store.sides]}
+  print("RESULT " + json.dumps(results), flush=True)
+
+
+@pytest.fixture(scope="module")
+def sources_story(tmp_path_factory):
+  """Caption sources built locally, copied into the bucket, embedded from
+  there by a subprocess whose TF reaches the server through ``TfProxy``."""
+  server, why = gcs_server.start()
+  if server is None:
+    pytest.skip(why)
+  proxy = None
+  try:
+    proxy, why = gcs_server.start_tf_proxy(server)
+    if proxy is None:
+      pytest.skip(why)
+    root = tmp_path_factory.mktemp("sources_gs")
+    env = _env(server)
+    build = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "SOURCES_BUILD",
+         str(root)], env=env, cwd=root, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, timeout=900)
+    assert build.returncode == 0, build.stdout.decode(errors="replace")[-3000:]
+    server.create_bucket(TFDS_BUCKET)
+    uploaded = {d: server.upload_dir(str(root / d), TFDS_BUCKET, d)
+                for d in ("tfds", "records", "wds")}
+    cwd = tmp_path_factory.mktemp("sources_empty_cwd")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "SOURCES"], cwd=cwd,
+        env=dict(env, **proxy.env()), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, timeout=1200)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(next(l for l in out.splitlines()
+                             if l.startswith("RESULT "))[len("RESULT "):])
+    yield dict(server=server, cwd=cwd, result=result, uploaded=uploaded)
+  finally:
+    if proxy is not None:
+      proxy.stop()
+    server.stop()
+
+
+@pytest.mark.parametrize("source", ["tfds", "tfrecord", "webdataset"])
+def test_caption_sources_in_the_bucket_are_read_and_embedded(sources_story,
+                                                            source):
+  server, result = sources_story["server"], sources_story["result"][source]
+  folder = {"tfds": "tfds", "tfrecord": "records", "webdataset": "wds"}[source]
+  data = server.list(TFDS_BUCKET, f"{folder}/")
+  assert data and len(data) == sources_story["uploaded"][folder]
+  n = N_IMAGES // 2
+  # webdataset ids are "<shard>/<key>"; the others carry the id feature.
+  prefix = "shard-00000.tar/" if source == "webdataset" else ""
+  assert result["ids"] == sorted(f"{prefix}ex{i}" for i in range(n))
+  assert result["captions"] == sorted(
+      f"a {TFDS_COLOURS[i % 4]} square {i}" for i in range(n))
+  assert result["sides"] == [16] * n
+  assert f"run/{source}/manifest.json" in server.list(TFDS_BUCKET,
+                                                      f"run/{source}/")
+  assert os.listdir(sources_story["cwd"]) == []
+
+
+T5X_BUCKET = "imagen-t5x"
+T5X_CKPT = f"gs://{T5X_BUCKET}/t5x/checkpoint_1000"
+T5X_VOCAB = f"gs://{T5X_BUCKET}/vocab/spiece.model"
+
+
+def _t5x_driver(local_weights: str) -> None:
+  """A t5x checkpoint written to the bucket (tensorstore's gcs driver and
+  fileio) and read back with a vocabulary from the bucket; torch zip and
+  safetensors weight files read from the bucket tensor by tensor."""
+  sys.path.insert(0, helpers.ROOT)
+  import jax  # pylint: disable=g-import-not-at-top
+  from imagen_jax import tensor_files  # pylint: disable=g-import-not-at-top
+  from imagen_jax.text import t5_checkpoints  # pylint: disable=g-import-not-at-top
+  from imagen_jax.text.encoder import TextEncoder  # pylint: disable=g-import-not-at-top
+
+  enc = TextEncoder.random("tiny", seed=3, max_length=16)
+  t5_checkpoints.save_t5x(jax.device_get(enc.params), T5X_CKPT, step=1000)
+  restored = TextEncoder.from_t5x(T5X_CKPT, "tiny", T5X_VOCAB, max_length=16)
+  a = jax.tree_util.tree_leaves(jax.device_get(enc.params))
+  b = jax.tree_util.tree_leaves(jax.device_get(restored.params))
+  texts = ["a red circle to the left of a blue square", ""]
+  diff = float(np.max(np.abs(np.asarray(restored.encode(texts)[0]) -
+                             np.asarray(enc.encode(texts)[0]))))
+  files_equal = {}
+  for name, read in (("state.bin", tensor_files.read_torch_zip),
+                     ("x.safetensors", tensor_files.read_safetensors)):
+    remote = read(f"gs://{T5X_BUCKET}/weights/{name}")
+    local = read(os.path.join(local_weights, name))
+    files_equal[name] = list(remote) == list(local) and all(
+        remote[k].read().dtype == local[k].read().dtype and np.array_equal(
+            remote[k].read(), local[k].read()) for k in local)
+  print("RESULT " + json.dumps({
+      "params_equal": len(a) == len(b) and all(
+          np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)),
+      "encode_diff": diff, "spec": restored.spec,
+      "files_equal": files_equal}), flush=True)
+
+
+def _write_weight_files(directory: str) -> None:
+  """A torch.save zip (with views and strides) and a safetensors file."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  base = torch.randn(6, 8)
+  torch.save(collections.OrderedDict(
+      half=torch.randn(3, 4, dtype=torch.float16), rows=base[2:],
+      transposed=base.t(), bf16=torch.randn(2, 3).bfloat16()),
+             os.path.join(directory, "state.bin"))
+  save_file({"a": torch.randn(4, 3), "b": torch.randn(7).bfloat16(),
+             "c": torch.randn(2, 2).half()},
+            os.path.join(directory, "x.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def t5x_story(tmp_path_factory):
+  server, why = gcs_server.start()
+  if server is None:
+    pytest.skip(why)
+  try:
+    sys.path.insert(0, helpers.ROOT)
+    from imagen_jax.text import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+    server.create_bucket(T5X_BUCKET)
+    with open(vocab_lib.default_vocab_path(), "rb") as f:
+      server.upload(T5X_BUCKET, "vocab/spiece.model", f.read())
+    weights = tmp_path_factory.mktemp("t5x_weights")
+    _write_weight_files(str(weights))
+    server.upload_dir(str(weights), T5X_BUCKET, "weights")
+    cwd = tmp_path_factory.mktemp("t5x_empty_cwd")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "T5X", str(weights)],
+        cwd=cwd,
+        env=_env(server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        timeout=900)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(next(l for l in out.splitlines()
+                             if l.startswith("RESULT "))[len("RESULT "):])
+    yield dict(server=server, cwd=cwd, result=result)
+  finally:
+    server.stop()
+
+
+def test_a_t5x_checkpoint_and_vocab_in_the_bucket(t5x_story):
+  server, result = t5x_story["server"], t5x_story["result"]
+  names = server.list(T5X_BUCKET, "t5x/checkpoint_1000/")
+  assert "t5x/checkpoint_1000/checkpoint" in names
+  assert any(n.startswith("t5x/checkpoint_1000/target.encoder.layers_0."
+                          "attention.query.kernel/") for n in names)
+  assert result["params_equal"] and result["encode_diff"] < 1e-6
+  assert result["spec"]["checkpoint"] == T5X_CKPT
+  assert result["spec"]["vocab"] == T5X_VOCAB
+  # Weight files in the bucket read like local ones, tensor by tensor.
+  assert result["files_equal"] == {"state.bin": True, "x.safetensors": True}
+  assert os.listdir(t5x_story["cwd"]) == []
+
+
 def _upload_images(server) -> None:
   """16x16 PNGs of coloured squares with .txt captions, into the bucket."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  import urllib.request  # pylint: disable=g-import-not-at-top
   colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
              "yellow": (230, 220, 30)}
   rs = np.random.RandomState(0)
@@ -119,13 +474,8 @@ def _upload_images(server) -> None:
     img[y:y + 8, x:x + 8] = colours[name]
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    for obj, data in ((f"images/{i:02d}.png", buf.getvalue()),
-                      (f"images/{i:02d}.txt", f"a {name} square".encode())):
-      req = urllib.request.Request(
-          f"{server.url}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name="
-          f"{obj}", data=data, method="POST",
-          headers={"Content-Type": "application/octet-stream"})
-      urllib.request.urlopen(req, timeout=10).read()
+    server.upload(BUCKET, f"images/{i:02d}.png", buf.getvalue())
+    server.upload(BUCKET, f"images/{i:02d}.txt", f"a {name} square".encode())
 
 
 def _env(server) -> dict:
@@ -259,4 +609,13 @@ def test_nothing_is_written_under_the_current_directory(story):
 
 
 if __name__ == "__main__":
-  _driver(sys.argv[1], sys.argv[2])
+  if sys.argv[1] == "IF":
+    _if_driver(sys.argv[2], sys.argv[3])
+  elif sys.argv[1] == "SOURCES_BUILD":
+    _sources_build(sys.argv[2])
+  elif sys.argv[1] == "SOURCES":
+    _sources_driver()
+  elif sys.argv[1] == "T5X":
+    _t5x_driver(sys.argv[2])
+  else:
+    _driver(sys.argv[1], sys.argv[2])

@@ -63,10 +63,11 @@ def _read_hf_tensors(path: str) -> Mapping[str, np.ndarray]:
   torch_bin = fileio.join(path, "pytorch_model.bin")
 
   def load_file(name):
-    from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
-    if fileio.is_remote(name):
-      return st.load(fileio.read_bytes(name))
-    return st.load_file(name)
+    # Tensor by tensor: a URL's shard is never held as bytes beside its
+    # arrays, and bfloat16 checkpoints read too.
+    from imagen_jax import tensor_files  # pylint: disable=g-import-not-at-top
+    return {key: ref.read()
+            for key, ref in tensor_files.read_safetensors(name).items()}
   if fileio.isfile(single):
     return load_file(single)
   if fileio.isfile(index):
