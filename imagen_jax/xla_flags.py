@@ -101,15 +101,19 @@ def enable_compilation_cache() -> None:
 
   A restarted or resumed job (and the next demo run) then loads its compiled
   train and sampling steps instead of compiling them again: on a 2-core CPU
-  that is most of a short run's start-up. JAX_COMPILATION_CACHE_DIR wins; the
-  default is ~/.cache/imagen_jax/xla.
+  that is most of a short run's start-up. JAX_COMPILATION_CACHE_DIR (a local
+  path or a gs:// URL) wins; the default is ~/.cache/imagen_jax/xla.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from imagen_jax import fileio  # pylint: disable=g-import-not-at-top
   path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "imagen_jax", "xla")
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError:
-    return
+  # JAX writes a gs:// cache through etils.epath itself; os.makedirs would
+  # make a local "gs:" directory under the current one instead.
+  if not fileio.is_remote(path):
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError:
+      return
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -19,12 +19,13 @@ The tests then read the bucket through the server's JSON API.
 A second fixture puts a tiny DeepFloyd IF directory (diffusers layout, fp16
 shards) in another bucket; a subprocess runs ``imagen-convert`` from the
 bucket to the bucket and loads the export through ``Cascade`` (its T5 and
-vocabulary read from the bucket too). A third puts caption sources in a
-bucket (a tfds data_dir prepared by tfds, TFRecord files, webdataset shards)
-and embeds each into a store in the bucket; tfds reads through TF's own GCS
-client, which reaches the server through ``gcs_server.TfProxy``. A fourth
-writes a t5x checkpoint to a bucket and reads it back with a vocabulary
-from the bucket.
+vocabulary read from the bucket too), with JAX's compilation cache in the
+bucket. A third puts caption sources in a bucket (a tfds data_dir prepared
+by tfds, TFRecord files, webdataset shards) and embeds each into a store in
+the bucket; tfds reads through TF's own GCS client, which reaches the
+server through ``gcs_server.TfProxy``. A fourth writes a t5x checkpoint to
+a bucket and reads it back with a vocabulary from the bucket, and reads
+torch zip and safetensors weight files from the bucket.
 
 Run as a script, this file is the subprocesses' driver.
 """
@@ -119,6 +120,7 @@ def _driver(phase: str, local_workdir: str) -> None:
 IF_BUCKET = "imagen-if"
 IF_SRC = f"gs://{IF_BUCKET}/IF-I-tiny"
 IF_EXPORT = f"gs://{IF_BUCKET}/exports/if_1"
+IF_XLA_CACHE = f"gs://{IF_BUCKET}/xla-cache"
 
 
 def _if_driver(local_src: str, local_out: str) -> None:
@@ -167,9 +169,11 @@ def if_story(tmp_path_factory):
     server.create_bucket(IF_BUCKET)
     uploaded = server.upload_dir(local_src, IF_BUCKET, "IF-I-tiny")
     cwd = tmp_path_factory.mktemp("if_empty_cwd")
+    # The CLIs' persistent compilation cache, in the bucket too.
+    env = dict(_env(server), JAX_COMPILATION_CACHE_DIR=IF_XLA_CACHE)
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "IF", local_src,
-         str(root / "local_export")], cwd=cwd, env=_env(server),
+         str(root / "local_export")], cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1200)
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, out[-3000:]
@@ -208,6 +212,12 @@ def test_the_gs_export_equals_the_local_one_and_samples_from_text(if_story):
   # Cascade.load built the T5 the export records, from the bucket.
   assert result["t5"] == f"{IF_SRC}/text_encoder"
   assert result["shape"] == [2, 16, 16, 3] and result["dtype"] == "uint8"
+  assert os.listdir(if_story["cwd"]) == []
+
+
+def test_a_gs_compilation_cache_dir_is_written_in_the_bucket(if_story):
+  names = if_story["server"].list(IF_BUCKET, "xla-cache/")
+  assert names, "no compiled program was cached in the bucket"
   assert os.listdir(if_story["cwd"]) == []
 
 
