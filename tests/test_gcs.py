@@ -21,9 +21,10 @@ shards) in another bucket; a subprocess runs ``imagen-convert`` from the
 bucket to the bucket and loads the export through ``Cascade`` (its T5 and
 vocabulary read from the bucket too), with JAX's compilation cache in the
 bucket. A third puts caption sources in a bucket (a tfds data_dir prepared
-by tfds, TFRecord files, webdataset shards) and embeds each into a store in
-the bucket; tfds reads through TF's own GCS client, which reaches the
-server through ``gcs_server.TfProxy``. A fourth writes a t5x checkpoint to
+by tfds, TFRecord files, webdataset shards, and the built-in shapes
+rendered into a gs:// data_dir) and embeds each into a store in the
+bucket; tfds reads through TF's own GCS client, which reaches the server
+through ``gcs_server.TfProxy``. A fourth writes a t5x checkpoint to
 a bucket and reads it back with a vocabulary from the bucket, and reads
 torch zip and safetensors weight files from the bucket.
 
@@ -293,14 +294,21 @@ def _sources_driver() -> None:
   from imagen_jax.text import store as store_lib  # pylint: disable=g-import-not-at-top
 
   results = {}
-  for source in ("tfds", "tfrecord", "webdataset"):
+  for source in ("tfds", "tfrecord", "webdataset", "shapes"):
     config = helpers.load_config("tiny")
     config.data.source = source
     config.data.name = TFDS_NAME
     config.data.data_dir = f"gs://{TFDS_BUCKET}/tfds"
+    if source == "shapes":
+      # The built-in dataset is rendered by tfds into the bucket, then read
+      # from there.
+      config.data.data_dir = f"gs://{TFDS_BUCKET}/builtin"
+      config.data.num_examples = N_IMAGES // 2
+      config.data.num_test = 2
+      config.data.render_resolution = 16
     config.data.files = {
-        "tfds": "", "tfrecord": f"gs://{TFDS_BUCKET}/records/*.tfrecord",
-        "webdataset": f"gs://{TFDS_BUCKET}/wds/*.tar"}[source]
+        "tfrecord": f"gs://{TFDS_BUCKET}/records/*.tfrecord",
+        "webdataset": f"gs://{TFDS_BUCKET}/wds/*.tar"}.get(source, "")
     config.data.image_key = "image"
     config.data.caption_key = "caption"
     config.data.id_key = "id"
@@ -371,6 +379,18 @@ def test_caption_sources_in_the_bucket_are_read_and_embedded(sources_story,
   assert result["sides"] == [16] * n
   assert f"run/{source}/manifest.json" in server.list(TFDS_BUCKET,
                                                       f"run/{source}/")
+  assert os.listdir(sources_story["cwd"]) == []
+
+
+def test_a_builtin_dataset_renders_into_a_gs_data_dir(sources_story):
+  server, result = sources_story["server"], sources_story["result"]["shapes"]
+  rendered = server.list(TFDS_BUCKET, "builtin/imagen_builtin/")
+  assert any(n.endswith("dataset_info.json") for n in rendered), rendered
+  assert any(".tfrecord" in n for n in rendered), rendered
+  n = N_IMAGES // 2
+  assert result["ids"] == sorted(f"train/{i}" for i in range(n))
+  assert len(result["captions"]) == n and all(result["captions"])
+  assert result["sides"] == [16] * n
   assert os.listdir(sources_story["cwd"]) == []
 
 
