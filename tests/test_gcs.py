@@ -24,7 +24,8 @@ bucket. A third puts caption sources in a bucket (a tfds data_dir prepared
 by tfds, TFRecord files, webdataset shards, and the built-in shapes
 rendered into a gs:// data_dir) and embeds each into a store in the
 bucket; tfds reads through TF's own GCS client, which reaches the server
-through ``gcs_server.TfProxy``. A fourth writes a t5x checkpoint to
+through ``gcs_server.TfProxy``. A run then trains from the tfds store into
+the bucket, and another starts from it with a gs:// ``init_from``. A fourth writes a t5x checkpoint to
 a bucket and reads it back with a vocabulary from the bucket, and reads
 torch zip and safetensors weight files from the bucket.
 
@@ -322,6 +323,26 @@ def _sources_driver() -> None:
     results[source] = {"ids": sorted(r["id"] for r in records),
                        "captions": sorted(r["caption"] for r in records),
                        "sides": [int(x) for x in store.sides]}
+  # A run trained from the tfds store, then a run that starts from it with
+  # ``init_from`` on gs:// (learning rate 0: its params stay the ones read).
+  import jax  # pylint: disable=g-import-not-at-top
+  from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  def train_config(**overrides):
+    return helpers.tiny_train_config(**{
+        "data.source": "tfds", "data.store": f"gs://{TFDS_BUCKET}/run/tfds",
+        "batch_size": 4, "total_steps": 2, "checkpoint_every": 2,
+        "log_every": 1, "sample_every": 0, **overrides})
+  first = loop.train(train_config(), f"gs://{TFDS_BUCKET}/first",
+                     progress=False)
+  second = loop.train(
+      train_config(**{"init_from": f"gs://{TFDS_BUCKET}/first",
+                      "total_steps": 1, "optimizer.learning_rate": 0.0}),
+      f"gs://{TFDS_BUCKET}/second", progress=False)
+  a = jax.tree_util.tree_leaves(jax.device_get(first["state"].ema_params))
+  b = jax.tree_util.tree_leaves(jax.device_get(second["state"].params))
+  results["init_from"] = len(a) == len(b) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
   print("RESULT " + json.dumps(results), flush=True)
 
 
@@ -380,6 +401,14 @@ def test_caption_sources_in_the_bucket_are_read_and_embedded(sources_story,
   assert f"run/{source}/manifest.json" in server.list(TFDS_BUCKET,
                                                       f"run/{source}/")
   assert os.listdir(sources_story["cwd"]) == []
+
+
+def test_init_from_a_gs_workdir(sources_story):
+  # The second run's params are the first run's EMA params, read from the
+  # bucket (and its learning rate 0 keeps them).
+  assert sources_story["result"]["init_from"] is True
+  names = sources_story["server"].list(TFDS_BUCKET, "second/")
+  assert "second/config.json" in names
 
 
 def test_a_builtin_dataset_renders_into_a_gs_data_dir(sources_story):
