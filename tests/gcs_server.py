@@ -112,19 +112,23 @@ class GcsServer:
         n += 1
     return n
 
-  def list(self, bucket: str, prefix: str = "") -> list[str]:
-    """Names of the objects under ``prefix`` (all pages)."""
-    names, token = [], None
+  def objects(self, bucket: str, prefix: str = "") -> list[dict]:
+    """The JSON API's metadata of each object under ``prefix`` (all pages)."""
+    items, token = [], None
     while True:
       q = {"prefix": prefix, "maxResults": "1000"}
       if token:
         q["pageToken"] = token
       data = json.loads(self._get(
           f"/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(q)}"))
-      names += [o["name"] for o in data.get("items", [])]
+      items += data.get("items", [])
       token = data.get("nextPageToken")
       if not token:
-        return names
+        return items
+
+  def list(self, bucket: str, prefix: str = "") -> list[str]:
+    """Names of the objects under ``prefix`` (all pages)."""
+    return [o["name"] for o in self.objects(bucket, prefix)]
 
   def read(self, bucket: str, name: str) -> bytes:
     """An object's content."""
@@ -151,6 +155,22 @@ class GcsServer:
       except subprocess.TimeoutExpired:
         self._proc.kill()
         self._proc.wait()
+
+
+def subprocess_env(server: GcsServer) -> dict:
+  """This process's environment plus ``server.env()``, for a CLI subprocess.
+
+  The subprocess imports this checkout (``PYTHONPATH``) and sees one CPU
+  device: the tests are about storage, not sharding.
+  """
+  env = dict(os.environ, **server.env())
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(
+      [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split()
+      if "xla_force_host_platform_device_count" not in f)
+  return env
 
 
 # The hosts TF's GCS client talks to (its JSON API and its uploads).

@@ -172,7 +172,8 @@ def if_story(tmp_path_factory):
     uploaded = server.upload_dir(local_src, IF_BUCKET, "IF-I-tiny")
     cwd = tmp_path_factory.mktemp("if_empty_cwd")
     # The CLIs' persistent compilation cache, in the bucket too.
-    env = dict(_env(server), JAX_COMPILATION_CACHE_DIR=IF_XLA_CACHE)
+    env = dict(gcs_server.subprocess_env(server),
+               JAX_COMPILATION_CACHE_DIR=IF_XLA_CACHE)
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "IF", local_src,
          str(root / "local_export")], cwd=cwd, env=env,
@@ -359,7 +360,7 @@ def sources_story(tmp_path_factory):
     if proxy is None:
       pytest.skip(why)
     root = tmp_path_factory.mktemp("sources_gs")
-    env = _env(server)
+    env = gcs_server.subprocess_env(server)
     build = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "SOURCES_BUILD",
          str(root)], env=env, cwd=root, stdout=subprocess.PIPE,
@@ -495,7 +496,8 @@ def t5x_story(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "T5X", str(weights)],
         cwd=cwd,
-        env=_env(server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=gcs_server.subprocess_env(server), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         timeout=900)
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, out[-3000:]
@@ -537,17 +539,6 @@ def _upload_images(server) -> None:
     server.upload(BUCKET, f"images/{i:02d}.txt", f"a {name} square".encode())
 
 
-def _env(server) -> dict:
-  env = dict(os.environ, **server.env())
-  env["PYTHONPATH"] = os.pathsep.join(
-      [helpers.ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-  # One CPU device: the test is about storage, not sharding.
-  env["XLA_FLAGS"] = " ".join(
-      f for f in env.get("XLA_FLAGS", "").split()
-      if "xla_force_host_platform_device_count" not in f)
-  return env
-
-
 def _uncommitted_steps(server) -> set[int]:
   names = server.list(BUCKET, "run/checkpoints/")
   steps, committed = set(), set()
@@ -571,7 +562,7 @@ def story(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("empty_cwd")
     local = str(tmp_path_factory.mktemp("local") / "run")
     cmd = [sys.executable, os.path.abspath(__file__)]
-    env = _env(server)
+    env = gcs_server.subprocess_env(server)
     a = subprocess.Popen(cmd + ["A", local], cwd=cwd, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     killed_in_save = None
