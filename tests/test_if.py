@@ -68,6 +68,8 @@ def test_unet_matches_diffusers(sr):
   text = rng.standard_normal((b, length, 24)).astype(np.float32)
   mask = np.ones((b, length), bool)
   mask[0, 4:] = False                       # a padded caption
+  # Garbage where the mask is off, so attending to it would show.
+  text[0, 4:] = 10 * rng.standard_normal((length - 4, 24)) + 5
   steps = np.array([999, 37])
   kw, extra = {}, {}
   if sr:

@@ -280,17 +280,22 @@ def test_streaming_save_holds_one_window_and_reads_back(tmp_path):
 
 
 def _outputs(net, params, model, sr):
+  """Ours and diffusers' output on padded captions, and ours unmasked."""
   rng = np.random.default_rng(1)
-  b, length, res = 2, 7, 16
+  # Stage II attends to the text alone (IF-II's layout). diffusers pads a
+  # text mask by the image token count, which only fits a text-only
+  # attention when the text is as long as the image tokens are many (8 x 8
+  # at the attention level here); stage I's [text, image] attention takes
+  # any length.
+  b, length, res = 2, 64 if sr else 7, 16
   x = rng.standard_normal((b, res, res, 3)).astype(np.float32)
   text = rng.standard_normal((b, length, 32)).astype(np.float32)
   mask = np.ones((b, length), bool)
-  if not sr:
-    # A padded caption. Stage II here attends to the text alone, where
-    # diffusers' added-KV attention sizes the mask for text + image tokens
-    # and fails, so its comparison runs unpadded (the parameter trees are
-    # compared exactly above either way).
-    mask[0, 4:] = False
+  mask[0, 4:] = False
+  mask[1, length - 2:] = False
+  # Garbage, not T5's padding output, where the mask is off: attending to it
+  # moves the output far past the tolerance.
+  text[~mask] = 10 * rng.standard_normal((int((~mask).sum()), 32)) + 5
   steps = np.array([999, 37])
   kw, extra = {}, {}
   sample = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -301,16 +306,19 @@ def _outputs(net, params, model, sr):
               aug_logsnr=jnp.asarray(discrete.step_logsnrs()[aug]))
     extra = dict(class_labels=torch.from_numpy(aug))
     sample = torch.cat([sample, torch.from_numpy(low).permute(0, 3, 1, 2)], 1)
-  ours = net.apply({"params": params}, jnp.asarray(x),
-                   jnp.asarray(discrete.step_logsnrs()[steps]),
-                   jnp.asarray(text), jnp.asarray(mask), **kw)
+
+  def ours(m):
+    return np.asarray(net.apply(
+        {"params": params}, jnp.asarray(x),
+        jnp.asarray(discrete.step_logsnrs()[steps]), jnp.asarray(text),
+        jnp.asarray(m), **kw))
+
   with torch.no_grad():
     ref = model(sample, torch.from_numpy(steps),
                 encoder_hidden_states=torch.from_numpy(text),
-                encoder_attention_mask=(
-                    None if sr else torch.from_numpy(mask)),
+                encoder_attention_mask=torch.from_numpy(mask),
                 **extra).sample.permute(0, 2, 3, 1).numpy()
-  return np.asarray(ours), ref
+  return ours(mask), ref, ours(np.ones_like(mask))
 
 
 @pytest.mark.parametrize("sr", [False, True], ids=["stage_I", "stage_II"])
@@ -331,9 +339,11 @@ def test_deepfloyd_layout_converts_like_diffusers(sr, t5_dir, tmp_path):
                   jax.tree_util.tree_leaves(want)):
     np.testing.assert_array_equal(a, b)
   # And diffusers' output, from the config.yml mapping.
-  ours, ref = _outputs(loaded.stage.unet.clone(dtype="float32"),
-                       loaded.params, model, sr)
+  ours, ref, unmasked = _outputs(loaded.stage.unet.clone(dtype="float32"),
+                                 loaded.params, model, sr)
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  # The mask is live: attending to the garbage changes the output.
+  assert float(np.abs(unmasked - ours).max()) > 1e-2
   stage = json.load(open(os.path.join(out, "stage.json")))
   assert stage["converted_from"]["layout"] == "deepfloyd_if"
   assert stage["model"]["lowres_cond"] == sr
