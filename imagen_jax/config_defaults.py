@@ -234,6 +234,9 @@ MODEL = dict(
     cross_attn=Field((False, False, False, False), "text cross-attention per level"),
     efficient=Field(False, "Efficient U-Net layout (SR stages)"),
     mid_attn=Field(True, "middle block with attention (non-efficient layout)"),
+    full_res_skip=Field(False, "efficient layout: the input convolution's "
+                        "features skip to the output convolution, at full "
+                        "resolution"),
     head_dim=Field(64, "channels per attention head", min=1),
     ff_mult=Field(0, "MLP width multiplier in attention blocks (0: none)", min=0),
     text_dim=Field(4096, "width of the text embeddings (T5 d_model)", min=1),

@@ -253,3 +253,41 @@ def test_text_layers_make_the_conditioning_order_aware():
     assert has == bool(layers_)
   assert outs[0] < 1e-5, outs
   assert outs[2] > 1e-3, outs
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_full_res_skip_gives_the_output_a_full_resolution_path(skip):
+  """With every D/U block zeroed, only the full-resolution skip links input
+  and output: a poked input pixel then moves the output around it (the 5x5
+  reach of the input and output convolutions; elsewhere only through the
+  output GroupNorm's statistics); without the skip the output does not
+  depend on the input at all."""
+  config = load_config("sr256")
+  config.model.full_res_skip = skip
+  module, params, inputs = helpers.init_unet(config, batch=1, text_len=4)
+  params = {k: (jax.tree_util.tree_map(jnp.zeros_like, v)
+                if k.startswith(("down_", "up_")) else v)
+            for k, v in params.items()}
+  assert ("conv_out" in params
+          and params["conv_out"]["kernel"].shape[2]
+          == (2 if skip else 1) * config.model.base_channels)
+  apply = helpers.apply_fn(module)
+  inp = helpers.random_inputs(inputs)
+  out = apply(params, **inp)
+  r, c = 9, 13
+  poked = dict(inp, x=inp["x"].at[0, r, c, :].add(3.0))
+  diff = np.abs(np.asarray(apply(params, **poked) - out))[0].max(-1)  # [H, W]
+  if not skip:
+    assert diff.max() < 1e-6
+    return
+  far = diff.copy()
+  far[r - 2:r + 3, c - 2:c + 3] = 0.0
+  assert diff[r - 2:r + 3, c - 2:c + 3].max() > 10 * far.max(), (
+      diff[r - 2:r + 3, c - 2:c + 3].max(), far.max())
+
+
+def test_full_res_skip_needs_the_efficient_layout():
+  config = load_config("base64")
+  config.model.full_res_skip = True
+  with pytest.raises(ValueError, match="full_res_skip"):
+    helpers.init_unet(config)

@@ -83,6 +83,12 @@ class UNet(nn.Module):
     cross_attn: text cross-attention per level (bool or one per level).
     efficient: Efficient U-Net layout (see module docstring).
     mid_attn: middle block with attention (non-efficient layout only).
+    full_res_skip: efficient layout only: concatenate the input
+      convolution's features (full resolution) to the last U block's output
+      before the output norm and convolution. Without it every path from
+      input to output goes through level 0's downsample, so the output
+      convolution sees the image only through half-resolution features
+      (a long skip as in imagen-pytorch's ``init_conv_to_final_conv_residual``).
     head_dim: channels per attention head.
     ff_mult: MLP width multiplier inside attention blocks (0 = no MLP).
     text_dim: width of the text embeddings the stage is fed (T5 d_model).
@@ -119,6 +125,7 @@ class UNet(nn.Module):
   cross_attn: Any = _default("cross_attn")
   efficient: bool = _default("efficient")
   mid_attn: bool = _default("mid_attn")
+  full_res_skip: bool = _default("full_res_skip")
   head_dim: int = _default("head_dim")
   ff_mult: int = _default("ff_mult")
   text_dim: int = _default("text_dim")
@@ -263,8 +270,14 @@ class UNet(nn.Module):
                       self.num_groups, dtype, kn, name=name)(inp, ctx, ctx_mask)
 
     if self.efficient:
+      h_in = h                                          # [B, H, W, C0]
       h = self._efficient(h, emb, widths, num_blocks, res_block, attn_block)
+      if self.full_res_skip:
+        h = jnp.concatenate([h, h_in], axis=-1)         # [B, H, W, 2 * C0]
     else:
+      if self.full_res_skip:
+        raise ValueError("full_res_skip applies to the efficient layout; set "
+                         "efficient=True or full_res_skip=False.")
       h = self._standard(h, widths, num_blocks, res_block, attn_block)
 
     h = layers.group_norm(self.num_groups, dtype, kn, name="norm_out")(
