@@ -244,6 +244,9 @@ MODEL = dict(
     text_layers=Field(0, "trainable Transformer layers (with sinusoidal "
                       "positions) over the projected text before the "
                       "U-Net reads it (0: Imagen's projection alone)", min=0),
+    text_positions=Field(False, "add sinusoidal token positions to the "
+                         "projected text (cross-attention keys know which "
+                         "word came first)"),
     emb_dim=Field(0, "time/conditioning embedding width (0: 4 x base_channels)",
                   min=0),
     in_channels=Field(3, "image channels", min=1),
@@ -300,6 +303,8 @@ DATA = dict(
                             min=1),
     render_seed=Field(0, "shapes: scene seed"),
     holdout=Field("", "shapes: \"red triangle,blue circle\" held out of train"),
+    kind_weights=Field((1.0, 1.0, 1.0), "shapes: relative frequency of single, "
+                       "count and relation scenes in train", min=0.0, length=3),
     store=Field("", "embedding store dir (default: WORKDIR/embeddings)"),
     min_size=Field(0, "drop images with a smaller shorter side (0: resolution)",
                    min=0),

@@ -1,38 +1,51 @@
-"""Runs command-line jobs under TCMalloc, where it is installed (CPU side).
+"""Runs command-line jobs under a host allocator that keeps big blocks (CPU side).
 
 Why: XLA:CPU allocates one temporary buffer per executable run (hundreds of
 MB for a CPU-scale U-Net training step). glibc's malloc serves any block
 over 32 MB (64 MB in a thread's arena) with a fresh ``mmap`` and returns it
 with ``munmap`` on free, so every step page-faults and zeroes the whole
-buffer again. No glibc setting avoids it (threads' arenas fall back to
-``mmap`` whatever ``M_MMAP_MAX`` says, and ``MALLOC_ARENA_MAX=1`` makes the
-step slower from lock contention). TCMalloc keeps freed spans mapped and
-hands them back, so the faults go to zero and CPU training steps run faster
-(benchmarks/RESULTS.md has the measurements). On GPU and TPU the step's
-buffers live in device memory and this only changes the host allocator of
-the Python process, which the accelerator step does not wait on.
+buffer again in 4 KiB pages. No glibc setting keeps such blocks (threads'
+arenas fall back to ``mmap`` whatever ``M_MMAP_MAX`` says, and
+``MALLOC_ARENA_MAX=1`` makes the step slower from lock contention).
+TCMalloc keeps freed spans mapped and hands them back, so the faults go to
+zero and CPU training steps run faster. Where TCMalloc is not installed,
+glibc's ``glibc.malloc.hugetlb=1`` tunable (glibc >= 2.35) asks for
+transparent huge pages on malloc's mappings: the buffer still comes and
+goes every run, but in 2 MiB pages, 512 times fewer faults, which recovers
+most of the gap (benchmarks/RESULTS.md has the measurements). On GPU and
+TPU the step's buffers live in device memory and this only changes the host
+allocator of the Python process, which the accelerator step does not wait
+on.
 
-A preload must be in place when the process starts, so the console entry
-points call ``maybe_reexec()`` first: it re-executes the same command line
-(same PID, so signals and launchers are unaffected) with TCMalloc in
-``LD_PRELOAD``. It does nothing when TCMalloc is already loaded or cannot be
-found (Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4``), off Linux,
-or with ``IMAGEN_JAX_MALLOC=system``.
+Both must be in place when the process starts, so the console entry points
+call ``maybe_reexec()`` first: it re-executes the same command line (same
+PID, so signals and launchers are unaffected) with TCMalloc in
+``LD_PRELOAD`` or, without TCMalloc, with the tunable in ``GLIBC_TUNABLES``.
+``IMAGEN_JAX_MALLOC`` chooses: ``tcmalloc`` (default: TCMalloc, else glibc
+with huge pages), ``glibc-thp`` (glibc with huge pages even where TCMalloc
+is installed) or ``system`` (leave the process as started). Nothing is done
+off Linux, when the choice is already in effect, or when transparent huge
+pages are off (``never``) and TCMalloc is absent. TCMalloc on Debian/Ubuntu:
+``apt-get install libtcmalloc-minimal4``.
 """
 from __future__ import annotations
 
 import ctypes.util
 import os
+import platform as platform_lib
 import sys
 from typing import Mapping, Optional, Sequence
 
-ENV_CHOICE = "IMAGEN_JAX_MALLOC"     # "tcmalloc" (default) or "system"
+ENV_CHOICE = "IMAGEN_JAX_MALLOC"
+CHOICES = ("tcmalloc", "glibc-thp", "system")  # the first is the default
 _ENV_DONE = "IMAGEN_JAX_MALLOC_REEXEC"  # set on the re-executed process
 _LIB_NAMES = ("tcmalloc_minimal", "tcmalloc")
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
              "/usr/lib64", "/usr/lib", "/usr/local/lib")
 _SONAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4",
             "libtcmalloc_minimal.so", "libtcmalloc.so")
+_HUGETLB = "glibc.malloc.hugetlb"   # glibc >= 2.35; 1 = THP via madvise
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def find_tcmalloc() -> Optional[str]:
@@ -49,27 +62,66 @@ def find_tcmalloc() -> Optional[str]:
   return None
 
 
-def loaded_allocator(maps_text: Optional[str] = None) -> str:
-  """``"tcmalloc"`` if TCMalloc is mapped into this process, else ``"system"``.
+def glibc_thp_supported(thp_mode_text: Optional[str] = None,
+                        libc: Optional[tuple[str, str]] = None) -> bool:
+  """Whether glibc's huge-page tunable would take effect in a new process.
+
+  Args:
+    thp_mode_text: contents of the kernel's transparent-huge-page mode file
+      (read when None), e.g. ``"always [madvise] never"``.
+    libc: ``platform.libc_ver()`` (read when None).
+
+  Returns:
+    True for glibc >= 2.35 with transparent huge pages in ``always`` or
+    ``madvise`` mode.
+  """
+  name, version = libc if libc is not None else platform_lib.libc_ver()
+  try:
+    major, minor = (int(v) for v in version.split(".")[:2])
+  except ValueError:
+    return False
+  if name != "glibc" or (major, minor) < (2, 35):
+    return False
+  if thp_mode_text is None:
+    try:
+      with open(_THP_MODE) as f:
+        thp_mode_text = f.read()
+    except OSError:
+      return False
+  return "[always]" in thp_mode_text or "[madvise]" in thp_mode_text
+
+
+def _has_hugetlb(env: Mapping[str, str]) -> bool:
+  return _HUGETLB in env.get("GLIBC_TUNABLES", "")
+
+
+def loaded_allocator(maps_text: Optional[str] = None,
+                     env: Optional[Mapping[str, str]] = None) -> str:
+  """The host allocator this process runs with.
 
   Args:
     maps_text: contents of ``/proc/self/maps`` (read when None).
+    env: the environment the process started with (``os.environ`` if None).
 
   Returns:
-    The allocator name.
+    ``"tcmalloc"`` if TCMalloc is mapped into this process, ``"glibc-thp"``
+    for glibc with its huge-page tunable set, else ``"system"``.
   """
   if maps_text is None:
     try:
       with open("/proc/self/maps") as f:
         maps_text = f.read()
     except OSError:
-      return "system"
-  return "tcmalloc" if "libtcmalloc" in maps_text else "system"
+      maps_text = ""
+  if "libtcmalloc" in maps_text:
+    return "tcmalloc"
+  return "glibc-thp" if _has_hugetlb(os.environ if env is None else env) \
+      else "system"
 
 
 def preload_env(env: Mapping[str, str], library: Optional[str],
-                already_loaded: bool, platform: str = sys.platform
-                ) -> Optional[dict]:
+                already_loaded: bool, platform: str = sys.platform,
+                thp_supported: bool = False) -> Optional[dict]:
   """The environment to re-execute with, or None to carry on as is.
 
   Args:
@@ -77,31 +129,40 @@ def preload_env(env: Mapping[str, str], library: Optional[str],
     library: TCMalloc's path (``find_tcmalloc()``) or None.
     already_loaded: whether TCMalloc is in this process already.
     platform: ``sys.platform``.
+    thp_supported: ``glibc_thp_supported()``.
 
   Returns:
-    A copy of ``env`` with ``library`` first in ``LD_PRELOAD``, TCMalloc's
-    release rate 0 (unless set) and the loop guard set; None when nothing is
-    to be done.
+    A copy of ``env`` with, for the ``tcmalloc`` choice and a ``library``,
+    ``library`` first in ``LD_PRELOAD`` and TCMalloc's release rate 0
+    (unless set); otherwise, where ``thp_supported``, glibc's huge-page
+    tunable added to ``GLIBC_TUNABLES``; and the loop guard set. None when
+    nothing is to be done.
   """
-  choice = (env.get(ENV_CHOICE) or "tcmalloc").strip().lower()
-  if choice not in ("tcmalloc", "system"):
+  choice = (env.get(ENV_CHOICE) or CHOICES[0]).strip().lower()
+  if choice not in CHOICES:
     raise ValueError(f"{ENV_CHOICE}={env[ENV_CHOICE]!r} is not an allocator; "
-                     "set it to tcmalloc or system.")
-  if (choice == "system" or already_loaded or library is None
+                     f"set it to one of {', '.join(CHOICES)}.")
+  if (choice == "system" or already_loaded
       or not platform.startswith("linux") or env.get(_ENV_DONE)):
     return None
   new = dict(env)
-  rest = env.get("LD_PRELOAD", "").strip()
-  new["LD_PRELOAD"] = f"{library} {rest}".strip()
-  # TCMalloc otherwise hands freed spans back to the kernel now and then
-  # (madvise), and the next run faults them in again: keep them.
-  new.setdefault("TCMALLOC_RELEASE_RATE", "0")
+  if choice == "tcmalloc" and library is not None:
+    rest = env.get("LD_PRELOAD", "").strip()
+    new["LD_PRELOAD"] = f"{library} {rest}".strip()
+    # TCMalloc otherwise hands freed spans back to the kernel now and then
+    # (madvise), and the next run faults them in again: keep them.
+    new.setdefault("TCMALLOC_RELEASE_RATE", "0")
+  elif thp_supported and not _has_hugetlb(env):
+    rest = env.get("GLIBC_TUNABLES", "").strip(":")
+    new["GLIBC_TUNABLES"] = ":".join(filter(None, (rest, f"{_HUGETLB}=1")))
+  else:
+    return None
   new[_ENV_DONE] = "1"
   return new
 
 
 def maybe_reexec(argv: Optional[Sequence[str]] = None) -> None:
-  """Re-executes this command under TCMalloc if it is found and not loaded.
+  """Re-executes this command under the chosen allocator (see the module doc).
 
   Call it first thing in a console entry point, before any JAX computation
   (the process image is replaced; nothing done before survives).
@@ -111,7 +172,8 @@ def maybe_reexec(argv: Optional[Sequence[str]] = None) -> None:
       its options, ``-m module`` or the script, and the arguments) if None.
   """
   new_env = preload_env(os.environ, find_tcmalloc(),
-                        loaded_allocator() == "tcmalloc")
+                        loaded_allocator() == "tcmalloc",
+                        thp_supported=glibc_thp_supported())
   if new_env is None:
     return
   argv = list(argv if argv is not None else sys.orig_argv)
@@ -120,4 +182,4 @@ def maybe_reexec(argv: Optional[Sequence[str]] = None) -> None:
   try:
     os.execve(sys.executable, argv, new_env)
   except OSError:
-    return  # could not re-execute: run on with the system allocator
+    return  # could not re-execute: run on as started
