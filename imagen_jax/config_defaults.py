@@ -244,9 +244,6 @@ MODEL = dict(
     text_layers=Field(0, "trainable Transformer layers (with sinusoidal "
                       "positions) over the projected text before the "
                       "U-Net reads it (0: Imagen's projection alone)", min=0),
-    text_positions=Field(False, "add sinusoidal token positions to the "
-                         "projected text (cross-attention keys know which "
-                         "word came first)"),
     emb_dim=Field(0, "time/conditioning embedding width (0: 4 x base_channels)",
                   min=0),
     in_channels=Field(3, "image channels", min=1),

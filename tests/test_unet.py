@@ -226,10 +226,8 @@ def test_upsample_equals_plain_nearest_then_conv(shape, features):
                              atol=0.05 * float(jnp.abs(y).max()))
 
 
-@pytest.mark.parametrize("order", ["text_layers", "text_positions"])
-def test_text_order_options_make_the_conditioning_order_aware(order):
-  """Cross-attention and pooling see a set of tokens; text_layers and
-  text_positions add order.
+def test_text_layers_make_the_conditioning_order_aware():
+  """Cross-attention and pooling see a set of tokens; text_layers add order.
 
   Without them, reversing the real tokens (mask reversed alike) leaves the
   output unchanged; with them it changes it, and padding still has no
@@ -242,10 +240,7 @@ def test_text_order_options_make_the_conditioning_order_aware(order):
   outs = {}
   for layers_ in (0, 2):
     config = load_config("base64")
-    if order == "text_layers":
-      config.model.text_layers = layers_
-    else:
-      config.model.text_positions = bool(layers_)
+    config.model.text_layers = layers_
     module, params, inputs = helpers.init_unet(config, batch=2, text_len=6)
     apply = helpers.apply_fn(module)
     inp = helpers.random_inputs(inputs, valid_tokens=[4, 4])
@@ -255,7 +250,7 @@ def test_text_order_options_make_the_conditioning_order_aware(order):
     pad = dict(inp, text=inp["text"].at[:, 4:].set(50.0))
     np.testing.assert_allclose(apply(params, **pad), out, atol=1e-5, rtol=1e-5)
     has = "text_layers" in params
-    assert has == (order == "text_layers" and bool(layers_))
+    assert has == bool(layers_)
   assert outs[0] < 1e-5, outs
   assert outs[2] > 1e-3, outs
 

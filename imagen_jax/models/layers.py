@@ -489,20 +489,6 @@ class AttentionPool(nn.Module):
                  name="proj")(pooled)
 
 
-def add_positions(x: jax.Array) -> jax.Array:
-  """Adds sinusoidal positions (token index) to a sequence.
-
-  Args:
-    x: ``[B, L, D]`` tokens.
-
-  Returns:
-    ``x`` plus the sinusoid of each token's index, ``[B, L, D]``.
-  """
-  d = x.shape[-1]
-  pos = sinusoidal(jnp.arange(x.shape[1]), d + d % 2)[:, :d]  # [L, D]
-  return x + pos[None].astype(x.dtype)
-
-
 class TextTransformer(nn.Module):
   """Trainable pre-norm Transformer layers over the frozen text embeddings.
 
@@ -524,7 +510,8 @@ class TextTransformer(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     # x: [B, L, D]; mask: [B, L] bool
     d = x.shape[-1]
-    x = add_positions(x)
+    pos = sinusoidal(jnp.arange(x.shape[1]), d + d % 2)[:, :d]  # [L, D]
+    x = x + pos[None].astype(x.dtype)
     for i in range(self.num_layers):
       y = layer_norm(self.dtype, name=f"norm_attn_{i}")(x)
       x = x + Attention(self.head_dim, self.dtype, self.kernels,

@@ -96,10 +96,6 @@ class UNet(nn.Module):
     text_layers: trainable Transformer layers (sinusoidal positions) over the
       projected text before pooling and cross-attention; 0 is Imagen's
       projection alone (``layers.TextTransformer``).
-    text_positions: add sinusoidal token positions to the projected text
-      (no parameters), so cross-attention keys say where in the caption a
-      token stands (which object came first), as ``text_layers`` do without
-      their cost. Imagen has none (a trained T5's outputs carry order).
     emb_dim: width of the time/conditioning embedding (default 4 x base).
     in_channels: channels of the image being denoised.
     out_channels: channels of the prediction (default in_channels).
@@ -135,7 +131,6 @@ class UNet(nn.Module):
   text_dim: int = _default("text_dim")
   cond_dim: int = _default("cond_dim")
   text_layers: int = _default("text_layers")
-  text_positions: bool = _default("text_positions")
   emb_dim: int = _default("emb_dim")
   in_channels: int = _default("in_channels")
   out_channels: int = _default("out_channels")
@@ -229,8 +224,6 @@ class UNet(nn.Module):
     ctx = layers.layer_norm(dtype, name="text_norm")(text.astype(dtype))
     kn = self.kernels
     ctx = layers.dense(self.cond_dim, dtype, kernels=kn, name="text_proj")(ctx)
-    if self.text_positions and not self.text_layers:  # those add their own
-      ctx = layers.add_positions(ctx)                  # [B, L, cond_dim]
     if self.text_layers:
       ctx = layers.TextTransformer(self.text_layers, self.head_dim,
                                    max(self.ff_mult, 2), dtype, kn,
