@@ -300,8 +300,6 @@ DATA = dict(
                             min=1),
     render_seed=Field(0, "shapes: scene seed"),
     holdout=Field("", "shapes: \"red triangle,blue circle\" held out of train"),
-    kind_weights=Field((1.0, 1.0, 1.0), "shapes: relative frequency of single, "
-                       "count and relation scenes in train", min=0.0, length=3),
     store=Field("", "embedding store dir (default: WORKDIR/embeddings)"),
     min_size=Field(0, "drop images with a smaller shorter side (0: resolution)",
                    min=0),

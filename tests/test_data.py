@@ -3,7 +3,6 @@ preprocessing, SR pairs, aligned crops, position resume, 2-process epoch
 coverage; the built-in datasets and the alignment evaluators' ceiling and
 floor."""
 
-import collections
 import io
 import json
 import os
@@ -197,34 +196,6 @@ def test_shapes_are_deterministic_and_hold_out_pairs():
     shapes.parse_holdout("pink hexagon")
   assert shapes.scene(0, 0, 64, "train").caption != shapes.scene(1, 0, 64, "train").caption \
       or shapes.scene(0, 1, 64).caption != shapes.scene(1, 1, 64).caption
-
-
-def test_shapes_kind_weights_skew_the_training_mix_only():
-  holdout = shapes.parse_holdout("red triangle,blue circle")
-  def kinds(split, weights, n=3000):
-    return collections.Counter(
-        shapes.scene(0, i, 64, split, holdout if split == "train" else
-                     frozenset(), kind_weights=weights).kind for i in range(n))
-  skewed = kinds("train", (0.5, 1.0, 2.5))
-  assert 0.07 < skewed["single"] / 3000 < 0.13, skewed
-  assert 0.56 < skewed["relation"] / 3000 < 0.64, skewed
-  assert kinds("train", (0.0, 0.0, 1.0), 200) == {"relation": 200}
-  # Uniform weights (any scale) are the draw every dataset was made with.
-  for i in range(50):
-    plain = shapes.scene(0, i, 64, "train", holdout)
-    assert shapes.scene(0, i, 64, "train", holdout,
-                        kind_weights=(2.0, 2.0, 2.0)) == plain
-    assert shapes.scene(0, i, 64, "test", kind_weights=(0.0, 0.0, 1.0)) == \
-        shapes.scene(0, i, 64, "test")  # evaluation splits stay uniform
-  with pytest.raises(ValueError, match=r"kind weights \(0.0, 0.0\) must be 3"):
-    shapes.scene(0, 0, 64, "train", kind_weights=(0.0, 0.0))
-  # A skewed mix is another dataset: its own tfds config name and captions.
-  cfg = helpers.load_config("demo", "shapes").data
-  uniform = builtin.builder_config(cfg).name
-  cfg.kind_weights = (1.0, 1.0, 2.0)
-  assert builtin.builder_config(cfg).name == uniform + "_k1-1-2"
-  assert shapes.kind_weights(cfg) == (1.0, 1.0, 2.0)
-  assert shapes.kind_weights({}) == (1.0, 1.0, 1.0)  # saved before the field
 
 
 def test_shapes_tfds_builder(tmp_path):

@@ -33,7 +33,6 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_test: int = 500
   seed: int = 0
   holdout: str = ""
-  kind_weights: tuple = (1.0, 1.0, 1.0)
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,8 +73,7 @@ class ImagenShapes(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     holdout = shapes.parse_holdout(cfg.holdout)
     for i in range(n):
-      scene, image = shapes.example(cfg.seed, i, cfg.resolution, split, holdout,
-                                    kind_weights=cfg.kind_weights)
+      scene, image = shapes.example(cfg.seed, i, cfg.resolution, split, holdout)
       yield i, {"image": image, "caption": scene.caption, "id": f"{split}/{i}",
                 "kind": scene.kind, "spec": json.dumps(scene.spec, sort_keys=True)}
 
@@ -108,14 +106,10 @@ def builder_config(data) -> tfds.core.BuilderConfig:
   if data.source == "shapes":
     n = int(data.num_examples) or 10000
     tag = hashlib.sha1(data.holdout.encode()).hexdigest()[:8] if data.holdout else "none"
-    weights = shapes.kind_weights(data)
-    name = f"r{res}_n{n}_s{int(data.render_seed)}_h{tag}"
-    if len(set(weights)) > 1:  # uniform mixes keep their names (same data)
-      name += "_k" + "-".join(f"{w:g}" for w in weights)
-    return ShapesConfig(name=name, version=VERSION, resolution=res,
-                        num_train=n, num_test=int(data.num_test),
-                        seed=int(data.render_seed), holdout=data.holdout,
-                        kind_weights=weights)
+    return ShapesConfig(name=f"r{res}_n{n}_s{int(data.render_seed)}_h{tag}",
+                        version=VERSION, resolution=res, num_train=n,
+                        num_test=int(data.num_test), seed=int(data.render_seed),
+                        holdout=data.holdout)
   if data.source == "digits":
     return DigitsConfig(name=f"r{res}", version=VERSION, resolution=res)
   raise ValueError(f"data.source {data.source!r} is not a built-in dataset.")

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from imagen_jax import config_defaults
 from imagen_jax.data import captions
 
 KINDS = ("single", "count", "relation")
@@ -51,15 +50,6 @@ class Scene:
   objects: tuple[Obj, ...]
   caption: str
   spec: dict  # kind-specific ground truth for evaluators
-
-
-def kind_weights(data) -> tuple[float, ...]:
-  """A ``config.data`` section's ``kind_weights`` (one per ``KINDS``).
-
-  Sections saved before the field existed describe uniform mixes.
-  """
-  default = config_defaults.DATA["kind_weights"].default
-  return tuple(float(w) for w in data.get("kind_weights", default))
 
 
 def parse_holdout(holdout: str) -> frozenset[tuple[str, str]]:
@@ -90,24 +80,8 @@ def _place(rng: random.Random, side: float, res: int, taken: list[Obj],
   return (x0 + x1) / 2, (y0 + y1) / 2
 
 
-def _draw_kind(rng: random.Random, kind_weights: Optional[Sequence[float]]
-               ) -> str:
-  """A scene kind: uniform, or by ``kind_weights`` (one per ``KINDS``)."""
-  if kind_weights is None:
-    return rng.choice(KINDS)
-  if len(kind_weights) != len(KINDS) or min(kind_weights) < 0 or \
-      sum(kind_weights) <= 0:
-    raise ValueError(f"kind weights {tuple(kind_weights)} must be "
-                     f"{len(KINDS)} non-negative numbers (for {KINDS}), not "
-                     "all zero.")
-  if len(set(kind_weights)) == 1:
-    return rng.choice(KINDS)  # the draw every uniform dataset was made with
-  return rng.choices(KINDS, weights=kind_weights)[0]
-
-
 def sample_scene(rng: random.Random, res: int, kind: Optional[str] = None,
-                 allowed=None, kind_weights: Optional[Sequence[float]] = None
-                 ) -> Scene:
+                 allowed=None) -> Scene:
   """Draws one scene.
 
   Args:
@@ -115,15 +89,13 @@ def sample_scene(rng: random.Random, res: int, kind: Optional[str] = None,
     res: image size in pixels.
     kind: "single", "count" or "relation" (random when None).
     allowed: predicate (color, shape) -> bool restricting combinations.
-    kind_weights: relative frequencies of ``KINDS`` when ``kind`` is None
-      (None: uniform).
 
   Returns:
     The scene with its caption and ground truth.
   """
   allowed = allowed or (lambda c, s: True)
   combos = [(c, s) for c in captions.COLORS for s in captions.SHAPES if allowed(c, s)]
-  kind = kind or _draw_kind(rng, kind_weights)
+  kind = kind or rng.choice(KINDS)
   if kind == "single":
     color, shape = rng.choice(combos)
     size = rng.choice(captions.SIZES)
@@ -184,19 +156,15 @@ def render(scene: Scene, res: int) -> np.ndarray:
 
 
 def scene(seed: int, index: int, res: int, split: str = "train",
-          holdout: frozenset = frozenset(), kind: Optional[str] = None,
-          kind_weights: Optional[Sequence[float]] = None) -> Scene:
+          holdout: frozenset = frozenset(), kind: Optional[str] = None) -> Scene:
   """Scene ``index`` of a split (no rendering). Pure function of its args.
 
   "train" excludes held-out colour-shape pairs; "test" draws from all of
   them (new scenes: different seeds); "holdout" draws single-object scenes
-  made only of held-out pairs. ``kind_weights`` (train only: the test
-  splits keep every kind equally likely) skews the mix of scene kinds.
+  made only of held-out pairs.
   """
   salt = {"train": 0, "test": 1, "holdout": 2}[split]
   rng = random.Random(f"{seed}/{salt}/{index}")
-  if split != "train":
-    kind_weights = None
   if split == "train":
     allowed = lambda c, s: (c, s) not in holdout  # noqa: E731
   elif split == "holdout":
@@ -206,13 +174,12 @@ def scene(seed: int, index: int, res: int, split: str = "train",
     kind = kind or "single"
   else:
     allowed = None
-  return sample_scene(rng, res, kind, allowed, kind_weights)
+  return sample_scene(rng, res, kind, allowed)
 
 
 def example(seed: int, index: int, res: int, split: str = "train",
-            holdout: frozenset = frozenset(), kind: Optional[str] = None,
-            kind_weights: Optional[Sequence[float]] = None
+            holdout: frozenset = frozenset(), kind: Optional[str] = None
             ) -> tuple[Scene, np.ndarray]:
   """Example ``index`` of a split: (scene, image); see ``scene``."""
-  sc = scene(seed, index, res, split, holdout, kind, kind_weights)
+  sc = scene(seed, index, res, split, holdout, kind)
   return sc, render(sc, res)

@@ -42,8 +42,7 @@ def _train_captions(data) -> set[str]:
   holdout = shapes.parse_holdout(data.holdout)
   n = int(data.num_examples) or 10000
   res = int(data.render_resolution)
-  return {shapes.scene(int(data.render_seed), i, res, "train", holdout,
-                       kind_weights=shapes.kind_weights(data)).caption
+  return {shapes.scene(int(data.render_seed), i, res, "train", holdout).caption
           for i in range(n)}
 
 
