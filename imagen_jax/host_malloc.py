@@ -11,8 +11,9 @@ TCMalloc keeps freed spans mapped and hands them back, so the faults go to
 zero and CPU training steps run faster. Where TCMalloc is not installed,
 glibc's ``glibc.malloc.hugetlb=1`` tunable (glibc >= 2.35) asks for
 transparent huge pages on malloc's mappings: the buffer still comes and
-goes every run, but in 2 MiB pages, 512 times fewer faults, which recovers
-most of the gap (benchmarks/RESULTS.md has the measurements). On GPU and
+goes every run, but in 2 MiB pages, 512 times fewer faults; the demo's
+base step then lands near TCMalloc's (benchmarks/RESULTS.md has the
+measurements, TCMalloc still the steadier). On GPU and
 TPU the step's buffers live in device memory and this only changes the host
 allocator of the Python process, which the accelerator step does not wait
 on.
@@ -91,8 +92,13 @@ def glibc_thp_supported(thp_mode_text: Optional[str] = None,
   return "[always]" in thp_mode_text or "[madvise]" in thp_mode_text
 
 
-def _has_hugetlb(env: Mapping[str, str]) -> bool:
-  return _HUGETLB in env.get("GLIBC_TUNABLES", "")
+def _hugetlb_setting(env: Mapping[str, str]) -> Optional[str]:
+  """The value ``GLIBC_TUNABLES`` gives the huge-page tunable, or None."""
+  for item in env.get("GLIBC_TUNABLES", "").split(":"):
+    name, _, value = item.partition("=")
+    if name.strip() == _HUGETLB:
+      return value.strip()
+  return None
 
 
 def loaded_allocator(maps_text: Optional[str] = None,
@@ -115,8 +121,8 @@ def loaded_allocator(maps_text: Optional[str] = None,
       maps_text = ""
   if "libtcmalloc" in maps_text:
     return "tcmalloc"
-  return "glibc-thp" if _has_hugetlb(os.environ if env is None else env) \
-      else "system"
+  setting = _hugetlb_setting(os.environ if env is None else env)
+  return "glibc-thp" if setting not in (None, "", "0") else "system"
 
 
 def preload_env(env: Mapping[str, str], library: Optional[str],
@@ -152,7 +158,7 @@ def preload_env(env: Mapping[str, str], library: Optional[str],
     # TCMalloc otherwise hands freed spans back to the kernel now and then
     # (madvise), and the next run faults them in again: keep them.
     new.setdefault("TCMALLOC_RELEASE_RATE", "0")
-  elif thp_supported and not _has_hugetlb(env):
+  elif thp_supported and _hugetlb_setting(env) is None:
     rest = env.get("GLIBC_TUNABLES", "").strip(":")
     new["GLIBC_TUNABLES"] = ":".join(filter(None, (rest, f"{_HUGETLB}=1")))
   else:

@@ -57,6 +57,9 @@ def test_loaded_allocator_reads_maps():
   assert host_malloc.loaded_allocator(maps, thp) == "tcmalloc"
   assert host_malloc.loaded_allocator(maps.split("\n", 1)[1], {}) == "system"
   assert host_malloc.loaded_allocator(maps.split("\n", 1)[1], thp) == "glibc-thp"
+  # Only a setting that turns the tunable on counts.
+  off = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"}
+  assert host_malloc.loaded_allocator(maps.split("\n", 1)[1], off) == "system"
 
 
 def test_without_tcmalloc_glibc_gets_huge_pages():
