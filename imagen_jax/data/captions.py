@@ -54,6 +54,15 @@ def digit_caption(digit: int) -> str:
   return f"a handwritten digit {DIGIT_WORDS[digit]}"
 
 
+def grammar_stems() -> tuple[str, ...]:
+  """Every word of the grammar's captions, sorted; plurals by their stem."""
+  words = {"a", "handwritten", "digit"}
+  words.update(COLORS, SHAPES, SIZES, COUNT_WORDS.values(), DIGIT_WORDS)
+  for relation in RELATIONS:
+    words.update(relation.split())
+  return tuple(sorted(words))
+
+
 def caption_corpus(rng: random.Random, n: int) -> list[str]:
   """``n`` random captions covering the whole grammar (vocabulary training)."""
   colors = list(COLORS)

@@ -332,6 +332,9 @@ class UNet(nn.Module):
     if self.efficient:
       raise ValueError("family='if' uses the standard layout; set "
                        "efficient=False.")
+    if self.full_res_skip:
+      raise ValueError("full_res_skip applies to the efficient layout, which "
+                       "family='if' does not use; set full_res_skip=False.")
     dtype = DTYPES[self.dtype]
     num_blocks, self_attn, cross_attn, widths, emb_dim = self._layout()
     b, height, width, channels = x.shape

@@ -6,6 +6,7 @@ the embedded default the package ships ``assets/imagen_demo_spm.model``, a
 1024-piece unigram model trained by ``python -m imagen_jax.text.vocab`` on the
 built-in datasets' caption grammar plus general English (Python's own
 documentation text), with T5's special ids: pad 0, eos 1, unk 2, no bos.
+Every word of the grammar is one piece (plurals: stem + "s").
 """
 
 from __future__ import annotations
@@ -83,13 +84,22 @@ def build_vocab(out_path: str, vocab_size: int = DEMO_VOCAB_SIZE,
                 seed: int = 0) -> None:
   """Trains the demo SentencePiece model (deterministic, single-threaded)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import captions  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(_demo_corpus(seed)), model_writer=model,
       vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
       pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
       num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
-      hard_vocab_limit=True, minloglevel=2)
+      hard_vocab_limit=True, minloglevel=2,
+      # One piece per word of the captions, as T5's 32k vocabulary has for
+      # common English words: at 1024 pieces the unigram model alone splits
+      # most colour words in two ("gre" "en"), which spreads a word's
+      # identity over two positions of the frozen encoder. Plurals stay stem
+      # + "s" ("square" "s"): a random-weight encoder would give a plural of
+      # its own no relation to the singular. "\u2581" marks a word start, so
+      # these pieces match at word starts only.
+      user_defined_symbols=["\u2581" + w for w in captions.grammar_stems()])
   fileio.write_bytes(out_path, model.getvalue())
 
 
