@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from imagen_jax import build
-from imagen_jax import config_defaults
 from imagen_jax.models import layers
 from tests import helpers
 

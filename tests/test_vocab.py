@@ -19,6 +19,7 @@ def test_every_grammar_word_is_one_piece():
   ids = vocab.encode("greenery")
   assert vocab.decode(ids) == "greenery" and len(ids) > 1
 
+
 def test_shipped_vocabulary_is_what_build_vocab_writes(tmp_path):
   out = str(tmp_path / "demo.model")
   vocab_lib.build_vocab(out)

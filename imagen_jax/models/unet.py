@@ -205,6 +205,10 @@ class UNet(nn.Module):
       Predictions ``[B, H, W, out_channels]`` in float32.
     """
     self._check_inputs(x, logsnr, text, text_mask, lowres, aug_logsnr)
+    if self.full_res_skip and not self.efficient:
+      raise ValueError("full_res_skip applies to the efficient layout "
+                       "(family='imagen', efficient=True); set "
+                       "full_res_skip=False or use that layout.")
     if self.family == "if":
       return self._if_network(x, logsnr, text, text_mask, lowres, aug_logsnr)
     if self.family != "imagen":
@@ -275,9 +279,6 @@ class UNet(nn.Module):
       if self.full_res_skip:
         h = jnp.concatenate([h, h_in], axis=-1)         # [B, H, W, 2 * C0]
     else:
-      if self.full_res_skip:
-        raise ValueError("full_res_skip applies to the efficient layout; set "
-                         "efficient=True or full_res_skip=False.")
       h = self._standard(h, widths, num_blocks, res_block, attn_block)
 
     h = layers.group_norm(self.num_groups, dtype, kn, name="norm_out")(
@@ -332,9 +333,6 @@ class UNet(nn.Module):
     if self.efficient:
       raise ValueError("family='if' uses the standard layout; set "
                        "efficient=False.")
-    if self.full_res_skip:
-      raise ValueError("full_res_skip applies to the efficient layout, which "
-                       "family='if' does not use; set full_res_skip=False.")
     dtype = DTYPES[self.dtype]
     num_blocks, self_attn, cross_attn, widths, emb_dim = self._layout()
     b, height, width, channels = x.shape
