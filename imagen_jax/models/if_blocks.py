@@ -19,6 +19,9 @@ Imagen's in its blocks, not in its layout (which is ``UNet``'s standard one):
 
 Parameter names follow our conventions; ``imagen_jax.convert_if`` maps IF's
 diffusers checkpoints onto them. Every parameter carries logical axis names.
+Dense, Conv and GroupNorm are ``layers``' (flax's parameters), and they and
+the attention go through the kernel interface (``config.model.kernels``) as
+the Imagen blocks do, so a backend's kernels serve both families.
 """
 
 from __future__ import annotations
@@ -30,17 +33,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax import kernels as kernels_lib
 from imagen_jax.diffusion import discrete
+from imagen_jax.models import layers
 
 Dtype = Any
-
-DEFAULT_INIT = nn.initializers.lecun_normal()
-ZEROS = nn.initializers.zeros_init()
-ONES = nn.initializers.ones_init()
-
-
-def _part(init, names):
-  return nn.with_logical_partitioning(init, names)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -48,36 +45,27 @@ def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-def dense(features: int, dtype: Dtype, name: str,
-          names=("embed", "mlp")) -> nn.Dense:
-  """Dense with float32 params, ``dtype`` compute and logical axis names."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_part(DEFAULT_INIT, names),
-                  bias_init=_part(ZEROS, (names[-1],)), name=name)
+def dense(features: int, dtype: Dtype, name: str, names=("embed", "mlp"),
+          kernels: str = "auto") -> layers.Dense:
+  """``layers.dense`` (nn.Dense's parameters, the bias add a kernel)."""
+  return layers.dense(features, dtype, names=names, kernels=kernels, name=name)
 
 
-def conv(features: int, dtype: Dtype, name: str, kernel: int = 3) -> nn.Conv:
-  """SAME convolution with float32 params and logical axis names."""
-  return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype,
-                 param_dtype=jnp.float32,
-                 kernel_init=_part(DEFAULT_INIT,
-                                   (None, None, "conv_in", "conv_out")),
-                 bias_init=_part(ZEROS, ("conv_out",)), name=name)
+def conv(features: int, dtype: Dtype, name: str, kernel: int = 3,
+         kernels: str = "auto") -> layers.Conv:
+  """``layers.conv`` (nn.Conv's parameters, the bias add a kernel)."""
+  return layers.conv(features, dtype, kernel=kernel, kernels=kernels, name=name)
 
 
-def group_norm(groups: int, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
-  """GroupNorm over the last axis with float32 statistics and named params."""
-  return nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=jnp.float32,
-                      param_dtype=jnp.float32,
-                      scale_init=_part(ONES, ("norm",)),
-                      bias_init=_part(ZEROS, ("norm",)), name=name)
+def group_norm(groups: int, name: str, kernels: str = "auto"
+               ) -> layers.GroupNorm:
+  """GroupNorm (epsilon 1e-5) with float32 statistics and output."""
+  return layers.group_norm(groups, jnp.float32, kernels, name=name)
 
 
 def layer_norm(name: str) -> nn.LayerNorm:
-  """LayerNorm with float32 statistics and named params."""
-  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                      scale_init=_part(ONES, ("norm",)),
-                      bias_init=_part(ZEROS, ("norm",)), name=name)
+  """LayerNorm with float32 statistics and output."""
+  return layers.layer_norm(jnp.float32, name=name)
 
 
 def step_embedding(steps: jax.Array, dim: int) -> jax.Array:
@@ -107,13 +95,15 @@ class StepMLP(nn.Module):
   in_dim: int
   features: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, steps: jax.Array) -> jax.Array:
+    # steps: [B] -> [B, features]
     emb = step_embedding(steps, self.in_dim).astype(self.dtype)
-    emb = dense(self.features, self.dtype, "dense_0")(emb)
-    return dense(self.features, self.dtype, "dense_1",
-                 names=("mlp", "embed"))(gelu(emb))
+    emb = dense(self.features, self.dtype, "dense_0", kernels=self.kernels)(emb)
+    return dense(self.features, self.dtype, "dense_1", names=("mlp", "embed"),
+                 kernels=self.kernels)(gelu(emb))
 
 
 class TextPool(nn.Module):
@@ -127,22 +117,25 @@ class TextPool(nn.Module):
   features: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, text: jax.Array) -> jax.Array:
     # text: [B, L, D] -> [B, features]
     b, _, d = text.shape
+    kn = self.kernels
     x = layer_norm("norm_in")(text).astype(self.dtype)
-    pos = self.param("position", _part(nn.initializers.normal(d ** -0.5),
-                                       (None, "embed")), (1, d))
+    pos = self.param("position", layers.partitioned(
+        nn.initializers.normal(d ** -0.5), (None, "embed")), (1, d))
     cls = jnp.mean(x, axis=1, keepdims=True) + pos[None].astype(self.dtype)
     tokens = jnp.concatenate([cls, x], axis=1)        # [B, 1 + L, D]
     heads, hd = self.num_heads, d // self.num_heads
-    q = dense(d, self.dtype, "query")(cls).reshape(b, 1, heads, hd)
-    k = dense(d, self.dtype, "key")(tokens).reshape(b, -1, heads, hd)
-    v = dense(d, self.dtype, "value")(tokens).reshape(b, -1, heads, hd)
-    pooled = jax.nn.dot_product_attention(q, k, v).reshape(b, d)
-    pooled = dense(self.features, self.dtype, "proj")(pooled)
+    q = dense(d, self.dtype, "query", kernels=kn)(cls).reshape(b, 1, heads, hd)
+    k = dense(d, self.dtype, "key", kernels=kn)(tokens).reshape(b, -1, heads, hd)
+    v = dense(d, self.dtype, "value", kernels=kn)(tokens).reshape(
+        b, -1, heads, hd)
+    pooled = kernels_lib.get(kn).attention(q, k, v, None).reshape(b, d)
+    pooled = dense(self.features, self.dtype, "proj", kernels=kn)(pooled)
     return layer_norm("norm_out")(pooled)
 
 
@@ -151,7 +144,9 @@ class ResBlock(nn.Module):
 
   ``resample`` is "down" (2x2 average pool of both paths), "up" (nearest x2
   of both paths) or None. ``emb_act`` applies GELU to the embedding before
-  its projection (IF-I; IF-II activates the embedding once, up front).
+  its projection (IF-I; IF-II activates the embedding once, up front). The
+  scale-shift ``(norm(h) * g + b) * (1 + s) + t`` is one
+  ``kernels.group_norm_act`` (``layers.GroupNorm`` folds it into the affine).
   """
   features: int
   num_groups: int = 32
@@ -159,27 +154,30 @@ class ResBlock(nn.Module):
   emb_act: bool = True
   out_scale: float = 1.0
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     # x: [B, H, W, Cin]; emb: [B, E]
-    h = gelu(group_norm(self.num_groups, "norm_0")(x)).astype(self.dtype)
+    kn = self.kernels
+    h = gelu(group_norm(self.num_groups, "norm_0", kn)(x)).astype(self.dtype)
     if self.resample == "down":
       x, h = (nn.avg_pool(t, (2, 2), (2, 2)) for t in (x, h))
     elif self.resample == "up":
       x, h = (jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2) for t in (x, h))
-    h = conv(self.features, self.dtype, "conv_0")(h)
+    h = conv(self.features, self.dtype, "conv_0", kernels=kn)(h)
     e = gelu(emb) if self.emb_act else emb
-    film = dense(2 * self.features, self.dtype, "film")(e.astype(self.dtype))
+    film = dense(2 * self.features, self.dtype, "film", kernels=kn)(
+        e.astype(self.dtype))
     scale, shift = jnp.split(film.astype(jnp.float32), 2, axis=-1)  # [B, C]
-    h = group_norm(self.num_groups, "norm_1")(h)
-    h = h * (1.0 + scale[:, None, None]) + shift[:, None, None]
-    h = conv(self.features, self.dtype, "conv_1")(gelu(h).astype(self.dtype))
+    h = group_norm(self.num_groups, "norm_1", kn)(h, film=(scale, shift))
+    h = conv(self.features, self.dtype, "conv_1", kernels=kn)(
+        gelu(h).astype(self.dtype))
     if x.shape[-1] != self.features:
-      x = conv(self.features, self.dtype, "skip", kernel=1)(x.astype(self.dtype))
+      x = conv(self.features, self.dtype, "skip", kernel=1, kernels=kn)(
+          x.astype(self.dtype))
     out = (x.astype(jnp.float32) + h.astype(jnp.float32)) / self.out_scale
-    return nn.with_logical_constraint(
-        out.astype(self.dtype), ("batch", "height", "width", "act_channels"))
+    return layers.constrain_image(out.astype(self.dtype))
 
 
 class AttentionBlock(nn.Module):
@@ -195,19 +193,24 @@ class AttentionBlock(nn.Module):
   text_groups: int = 32
   only_cross: bool = False
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: jax.Array,
                ctx_mask: Optional[jax.Array]) -> jax.Array:
     # x: [B, H, W, C]; ctx: [B, L, cond_dim]; ctx_mask: [B, L] or None
     b, hh, ww, c = x.shape
+    kn = self.kernels
     heads = c // self.head_dim
-    y = group_norm(self.num_groups, "norm")(x).reshape(b, hh * ww, c)
+    y = group_norm(self.num_groups, "norm", kn)(x).reshape(b, hh * ww, c)
     y = y.astype(self.dtype)
-    t = group_norm(self.text_groups, "norm_text")(ctx).astype(self.dtype)
+    # The text is GroupNorm'ed as a [B, L, 1, D] "image".
+    t = group_norm(self.text_groups, "norm_text", kn)(ctx[:, :, None, :])
+    t = t[:, :, 0, :].astype(self.dtype)                    # [B, L, D]
 
     def proj(name, inp):
-      out = dense(c, self.dtype, name, names=("embed", "heads"))(inp)
+      out = dense(c, self.dtype, name, names=("embed", "heads"),
+                  kernels=kn)(inp)
       return out.reshape(b, inp.shape[1], heads, self.head_dim)
 
     q = proj("query", y)
@@ -218,10 +221,8 @@ class AttentionBlock(nn.Module):
       v = jnp.concatenate([v, proj("value", y)], axis=1)
       if mask is not None:
         mask = jnp.concatenate([mask, jnp.ones((b, hh * ww), bool)], axis=1)
-    if mask is not None:
-      mask = mask[:, None, None, :]                         # [B, 1, 1, S]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)   # [B, T, N, H]
-    out = dense(c, self.dtype, "out", names=("heads", "embed"))(
+    out = kernels_lib.get(kn).attention(q, k, v, mask)      # [B, T, N, H]
+    out = dense(c, self.dtype, "out", names=("heads", "embed"), kernels=kn)(
         out.reshape(b, hh * ww, c))
     return (x.astype(jnp.float32) + out.reshape(b, hh, ww, c).astype(
         jnp.float32)).astype(self.dtype)

@@ -336,21 +336,24 @@ class UNet(nn.Module):
     dtype = DTYPES[self.dtype]
     num_blocks, self_attn, cross_attn, widths, emb_dim = self._layout()
     b, height, width, channels = x.shape
+    kn = self.kernels
     res_cls, attn_cls = if_blocks.ResBlock, if_blocks.AttentionBlock
     if self.remat != "none":
       res_cls = nn.remat(res_cls, policy=REMAT_POLICIES[self.remat])
       attn_cls = nn.remat(attn_cls, policy=REMAT_POLICIES[self.remat])
 
-    emb = if_blocks.StepMLP(widths[0], emb_dim, dtype, name="time_mlp")(
+    emb = if_blocks.StepMLP(widths[0], emb_dim, dtype, kn, name="time_mlp")(
         if_blocks.logsnr_to_step(logsnr))
     if self.lowres_cond:
-      emb = emb + if_blocks.StepMLP(widths[0], emb_dim, dtype, name="aug_mlp")(
-          if_blocks.logsnr_to_step(aug_logsnr))
-    emb = emb + if_blocks.TextPool(emb_dim, self.pool_heads, dtype,
+      emb = emb + if_blocks.StepMLP(widths[0], emb_dim, dtype, kn,
+                                    name="aug_mlp")(
+                                        if_blocks.logsnr_to_step(aug_logsnr))
+    emb = emb + if_blocks.TextPool(emb_dim, self.pool_heads, dtype, kn,
                                    name="text_pool")(text)
     if self.emb_act:
       emb = if_blocks.gelu(emb)
-    ctx = if_blocks.dense(self.cond_dim, dtype, "text_proj")(text.astype(dtype))
+    ctx = if_blocks.dense(self.cond_dim, dtype, "text_proj", kernels=kn)(
+        text.astype(dtype))
     ctx = layers.constrain_seq(ctx)
     mask = text_mask.astype(bool)
 
@@ -362,26 +365,28 @@ class UNet(nn.Module):
       if lowres.shape[1:3] != (height, width):
         up = if_blocks.resize_align_corners(lowres, height, width)
       h = jnp.concatenate([h, up.astype(dtype)], axis=-1)
-    h = if_blocks.conv(widths[0], dtype, "conv_in")(h)
+    h = if_blocks.conv(widths[0], dtype, "conv_in", kernels=kn)(h)
 
     def res_block(name, feats, inp, resample=None):
       scale = self.mid_scale if name.startswith("mid") else self.res_scale
       return res_cls(feats, self.num_groups, resample,
-                     not self.skip_time_act, scale, dtype, name=name)(inp, emb)
+                     not self.skip_time_act, scale, dtype, kn,
+                     name=name)(inp, emb)
 
     def attn_block(name, level, inp, self_on=None):
       if self_on is None and not cross_attn[level]:
         return inp
       return attn_cls(self.head_dim, self.num_groups, 32,
-                      not self_attn[level], dtype, name=name)(inp, ctx, mask)
+                      not self_attn[level], dtype, kn,
+                      name=name)(inp, ctx, mask)
 
     h = self._standard(
         h, widths, num_blocks, res_block, attn_block,
         down_fn=lambda f, name, inp: res_block(name, f, inp, "down"),
         up_fn=lambda f, name, inp: res_block(name, f, inp, "up"))
-    h = if_blocks.gelu(if_blocks.group_norm(self.num_groups, "norm_out")(h))
+    h = if_blocks.gelu(if_blocks.group_norm(self.num_groups, "norm_out", kn)(h))
     out = if_blocks.conv(self.out_channels or self.in_channels, dtype,
-                         "conv_out")(h.astype(dtype))
+                         "conv_out", kernels=kn)(h.astype(dtype))
     return out.astype(jnp.float32)
 
   def _efficient(self, h, emb, widths, num_blocks, res_block, attn_block):
