@@ -20,10 +20,15 @@
 #           base stage (bfloat16, batch PAPER_BATCH=2 per worker so that the
 #           three workers fit an H100 together, ~6 min with its compiles);
 #           KERNELS_PAPER=0 skips the paper rows, KERNELS_CPU=0 the others
+#   if      DeepFloyd IF-I-XL (4.3B, random weights) sampled by ours
+#           (bfloat16, kernels IF_KERNELS=cudnn,reference) and by diffusers'
+#           IFPipeline (float16), smart27, batch IF_BATCH=4, guidance 7: the
+#           images/s row of issue 24 (~8 min: two 4.3B inits and compiles)
 #   tests   the model / numerics test files on the accelerator (> 4 min)
 #   wheels  run on the machine that has the network, not the accelerator:
 #           downloads into .whl/ the Python 3.12 x86-64 wheels that the lent
-#           GPU image lacks (ml_collections, imagen-pytorch and its needs)
+#           GPU image lacks (ml_collections, imagen-pytorch, diffusers and
+#           their needs; numpy and torch are the image's own)
 #
 # The machine needs jax with its accelerator plugin, flax, optax, orbax, and
 # for imagen-pytorch torch + torchvision. Packages it lacks are carried as
@@ -31,11 +36,11 @@
 # needed by CI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: accelerator_run.sh speed|train|paper|kernels|tests|wheels [OUT_DIR]}
+PART=${1:?usage: accelerator_run.sh speed|train|paper|kernels|if|tests|wheels [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-/tmp/accelerator_out}}
 mkdir -p "$OUT_DIR"
-case "$PART" in speed|train|paper|kernels|tests|wheels) ;; *)
-  echo "unknown part '$PART': choose speed, train, paper, kernels, tests or wheels" >&2
+case "$PART" in speed|train|paper|kernels|if|tests|wheels) ;; *)
+  echo "unknown part '$PART': choose speed, train, paper, kernels, if, tests or wheels" >&2
   exit 2;; esac
 if [ "$PART" = wheels ]; then
   platforms=""
@@ -47,7 +52,15 @@ if [ "$PART" = wheels ]; then
              ema-pytorch==0.8.3 kornia==0.9.0 kornia_rs==0.2.0 \
              pytorch-warmup==0.2.0 pydantic==2.14.3 pydantic_core==2.50.4 \
              annotated-types==0.8.0 typing-inspection==0.4.5 datasets==5.2.0 \
-             dill==0.4.1 multiprocess==0.70.19; do
+             dill==0.4.1 multiprocess==0.70.19 \
+             diffusers==0.42.1 huggingface_hub==2.4.0 hf-xet==1.8.0 \
+             click==8.5.1 httpx2==2.17.0 httpcore2==2.17.0 anyio==4.16.0 \
+             idna==3.21 truststore==0.10.5 h11==0.16.0 \
+             certifi==2026.10.19.post1 safetensors==0.8.0 regex==2026.12.2 \
+             importlib_metadata==10.2.0 zipp==4.1.2 PyYAML==6.0.4 \
+             tqdm==4.70.1 typing_extensions==4.16.0 packaging==26.4 \
+             filelock==4.3.2 fsspec==2026.9.0 pillow==13.0.0 \
+             requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.3; do
     # shellcheck disable=SC2086
     python3 -m pip download -q --no-deps --only-binary=:all: \
       --python-version 3.12 --implementation cp $platforms -d .whl "$pkg" \
@@ -118,6 +131,15 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
         --rounds 4 --steps 2 2>&1 \
         | tee "$OUT_DIR/kernels_paper_bfloat16.txt" | tail -9
     fi
+    ;;
+  if)
+    nvidia-smi --query-gpu=name,memory.total,driver_version \
+      --format=csv 2>/dev/null | tee "$OUT_DIR/gpu.txt"
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    timeout "${IF_TIMEOUT:-560}" "$PY" benchmarks/sample_speed.py \
+      --if_model IF-I-XL --if_only --if_kernels "${IF_KERNELS:-cudnn,reference}" \
+      --batch "${IF_BATCH:-4}" 2>&1 | tee "$OUT_DIR/if_sample_speed.txt" \
+      | grep -v "^WARNING" | tail -12
     ;;
   tests)
     # conftest pins CPU unless told otherwise: let the accelerator be default.

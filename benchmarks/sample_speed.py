@@ -19,10 +19,12 @@ imagen-pytorch needs torch + torchvision: ``benchmarks/setup_bench_env.sh``.
 
 DeepFloyd IF rows (``--if_model=tiny`` on CPU, ``--if_model=IF-I-XL`` on a
 GPU): IF's stage I U-Net with random weights, ours (``UNet(family="if")``,
-bfloat16 on accelerators) against diffusers' ``IFPipeline`` (float16 on
-CUDA) with the same respaced steps (``--if_timesteps``, default smart27),
+bfloat16 on accelerators, one row per ``--if_kernels`` implementation, e.g.
+``cudnn,reference``) against diffusers' ``IFPipeline`` (float16 on CUDA)
+with the same respaced steps (``--if_timesteps``, default smart27),
 guidance 7, learned-variance ancestral sampling, precomputed text
-embeddings (77 tokens) on both sides; each in its own subprocess.
+embeddings (77 tokens) on both sides; each in its own subprocess. Each IF
+row is printed as it completes, so a run cut short keeps the rows it has.
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def _if_config(name: str) -> dict:
   return IF_TINY if name == "tiny" else convert_if.IF_CONFIGS[name]
 
 
-def _if_jax_worker(name: str, batch: int, timesteps: str) -> dict:
+def _if_jax_worker(name: str, batch: int, timesteps: str,
+                   kernels: str = "auto") -> dict:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -173,7 +176,8 @@ def _if_jax_worker(name: str, batch: int, timesteps: str) -> dict:
   fields = convert_if.unet_config_to_model(cfg)
   res = fields.pop("resolution")
   on_cpu = jax.devices()[0].platform == "cpu"
-  unet = UNet(**fields, dtype="float32" if on_cpu else "bfloat16")
+  unet = UNet(**fields, dtype="float32" if on_cpu else "bfloat16",
+              kernels=kernels)
   stage = Stage(unet=unet, resolution=res, schedule="discrete_cosine")
   text = jax.random.normal(jax.random.PRNGKey(1),
                            (batch, IF_TEXT_LEN, fields["text_dim"]))
@@ -199,7 +203,9 @@ def _if_jax_worker(name: str, batch: int, timesteps: str) -> dict:
               params=[build.count_params(params)])
 
 
-def _if_torch_worker(name: str, batch: int, timesteps: str) -> dict:
+def _if_torch_worker(name: str, batch: int, timesteps: str,
+                     kernels: str = "") -> dict:
+  del kernels  # diffusers picks its own attention (SDPA)
   import diffusers
   import torch
   from imagen_jax.diffusion import discrete
@@ -240,6 +246,37 @@ def _run_worker(kind: str, batch: int, steps, extra=()) -> dict:
                                       "--steps", str(steps), *extra])
 
 
+def _if_rows(args) -> list:
+  """IF stage I rows: ours per kernel choice, diffusers after the first."""
+  from imagen_jax.diffusion import discrete
+  n = len(discrete.respaced_steps(args.if_timesteps))
+  extra = ("--if_model", args.if_model, "--if_timesteps", args.if_timesteps)
+  choices = args.if_kernels.split(",")
+  jobs = [("if_jax", c) for c in choices[:1]]
+  jobs += [] if args.no_diffusers else [("if_torch", "")]
+  jobs += [("if_jax", c) for c in choices[1:]]
+  rows, first = [], None
+  for kind, kernels in jobs:
+    try:
+      res = _run_worker(kind, args.batch, 0, extra + ("--if_kernels", kernels))
+    except RuntimeError as e:
+      print(f"IF row {kind} {kernels} failed: {str(e)[-1500:]}", flush=True)
+      continue
+    first = first or res["secs"]
+    if kind == "if_jax":
+      row = [f"imagen_jax IF stage I ({args.if_model}, kernels={kernels})", n,
+             res["params"][0], res["secs"], args.batch / res["secs"],
+             res["compile_s"], "-", res["rss"] / 2**20]
+    else:
+      row = ["  diffusers IFPipeline same U-Net", n, res["params"][0],
+             res["secs"], args.batch / res["secs"], "-", "-",
+             res["rss"] / 2**20]
+    row.append(f"{res['secs'] / first:.2f}")
+    print("IF row: " + " | ".join(map(str, row)), flush=True)
+    rows.append(row)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=8)
@@ -251,11 +288,17 @@ def main():
   parser.add_argument("--if_timesteps", default="smart27")
   parser.add_argument("--if_only", action="store_true",
                       help="Only the IF rows.")
+  parser.add_argument("--if_kernels", default="auto",
+                      help="Comma-separated model.kernels choices, one IF row "
+                      "each (diffusers' row follows the first).")
+  parser.add_argument("--no-diffusers", action="store_true",
+                      help="Skip diffusers' IF row.")
   args = parser.parse_args()
   if args.worker:
     if args.worker.startswith("if_"):
       fn = _if_jax_worker if args.worker == "if_jax" else _if_torch_worker
-      result = fn(args.if_model, args.batch, args.if_timesteps)
+      result = fn(args.if_model, args.batch, args.if_timesteps,
+                  args.if_kernels)
     else:
       fn = _jax_worker if args.worker == "jax" else _torch_worker
       result = fn(args.batch, int(args.steps))
@@ -265,17 +308,7 @@ def main():
   print(common.machine_line())
   rows = []
   if args.if_model:
-    extra = ("--if_model", args.if_model, "--if_timesteps", args.if_timesteps)
-    ours = _run_worker("if_jax", args.batch, 0, extra)
-    theirs = _run_worker("if_torch", args.batch, 0, extra)
-    n = len(__import__("imagen_jax.diffusion.discrete", fromlist=["x"])
-            .respaced_steps(args.if_timesteps))
-    rows.append([f"imagen_jax IF stage I ({args.if_model})", n,
-                 ours["params"][0], ours["secs"], args.batch / ours["secs"],
-                 ours["compile_s"], "-", ours["rss"] / 2**20, "1.00"])
-    rows.append(["  diffusers IFPipeline same U-Net", n, theirs["params"][0],
-                 theirs["secs"], args.batch / theirs["secs"], "-", "-",
-                 theirs["rss"] / 2**20, f"{theirs['secs'] / ours['secs']:.2f}"])
+    rows += _if_rows(args)
   for steps in ([] if args.if_only else
                 (int(s) for s in args.steps.split(","))):
     ours = _run_worker("jax", args.batch, steps)
@@ -291,10 +324,12 @@ def main():
   if args.if_model:
     print(f"\nIF rows: stage I alone, {args.if_timesteps} respacing, batch "
           f"{args.batch}, guidance {IF_GUIDANCE}, random weights, text "
-          "embeddings given (no T5).")
-  print(f"\nFull cascade 16px base -> 64px SR, batch {args.batch}, guidance "
-        f"{GUIDANCE[0]}/{GUIDANCE[1]}, ancestral sampler, random weights. Last "
-        "column: its time / our time (our speed-up).")
+          "embeddings given (no T5). Last column: its time / the first IF "
+          "row's time.")
+  if not args.if_only:
+    print(f"\nFull cascade 16px base -> 64px SR, batch {args.batch}, guidance "
+          f"{GUIDANCE[0]}/{GUIDANCE[1]}, ancestral sampler, random weights. "
+          "Last column: its time / our time (our speed-up).")
   common.print_table(["pipeline", "steps/stage", "params base/SR", "s/batch",
                       "images/s", "compile s", "lowerings on 2nd call",
                       "peak RSS MiB", "speed-up"], rows)

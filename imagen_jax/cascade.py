@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from imagen_jax import build
 from imagen_jax import config_defaults
 from imagen_jax import fileio
+from imagen_jax import kernels as kernels_lib
 from imagen_jax import parallel
 from imagen_jax.stage import SampleInputs, Stage, StageSettings, to_float_image
 from imagen_jax.text import encoder as encoder_lib
@@ -121,8 +122,20 @@ def _load_config_json(path: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fileio.read_json(path))
 
 
-def load_stage(path: str, mesh: Mesh, use_ema: bool = True) -> LoadedStage:
-  """Loads a stage from a training workdir or an export directory."""
+def load_stage(path: str, mesh: Mesh, use_ema: bool = True,
+               kernels: Optional[str] = None) -> LoadedStage:
+  """Loads a stage from a training workdir or an export directory.
+
+  Args:
+    path: the workdir or export.
+    mesh: device mesh the params are sharded over.
+    use_ema: EMA params (default) or the raw training params.
+    kernels: ``model.kernels`` to sample with instead of the stage's own
+      (the parameters do not depend on it).
+
+  Returns:
+    The loaded stage.
+  """
   if not fileio.isdir(path):
     raise CascadeError(f"Stage directory {path!r} does not exist.")
   export = fileio.isfile(os.path.join(path, "stage.json"))
@@ -131,6 +144,12 @@ def load_stage(path: str, mesh: Mesh, use_ema: bool = True) -> LoadedStage:
     raise CascadeError(f"{path!r} is neither a training workdir (no config.json) "
                        "nor an export (no stage.json).")
   config = _load_config_json(cfg_file)
+  if kernels:
+    try:
+      kernels_lib.resolve(kernels)
+    except ValueError as e:
+      raise CascadeError(str(e)) from None
+    config.model.kernels = kernels
   spec_file = os.path.join(path, "text_encoder.json")
   spec = fileio.read_json(spec_file) if fileio.isfile(spec_file) else None
   if not spec:
@@ -198,7 +217,8 @@ class Cascade:
   @classmethod
   def load(cls, stage_dirs: Sequence[str], *, t5: Optional[str] = None,
            use_ema: bool = True, mesh: Optional[Mesh] = None,
-           mesh_shape: Sequence[int] = (-1, 1, 1)) -> "Cascade":
+           mesh_shape: Sequence[int] = (-1, 1, 1),
+           kernels: Optional[str] = None) -> "Cascade":
     """Loads stages and the T5 they were trained with.
 
     Args:
@@ -209,12 +229,14 @@ class Cascade:
       use_ema: EMA params (default) or the raw training params.
       mesh: device mesh; default: all devices with ``mesh_shape``.
       mesh_shape: (data, fsdp, tensor) when no mesh is given.
+      kernels: ``model.kernels`` for every stage (e.g. "cudnn" on NVIDIA
+        GPUs); None keeps each stage's own.
 
     Returns:
       The cascade.
     """
     mesh = mesh or parallel.make_mesh(mesh_shape)
-    stages = [load_stage(d, mesh, use_ema) for d in stage_dirs]
+    stages = [load_stage(d, mesh, use_ema, kernels) for d in stage_dirs]
     check_chain(stages)
     spec = stages[0].text_encoder_spec
     if t5 is None:

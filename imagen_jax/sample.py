@@ -15,7 +15,8 @@ used. Sampling settings default to each stage's training config (its
 ``sample`` section); ``--config.FIELD=V`` sets one value for every stage and
 ``--config.FIELD=V1,V2`` one per stage. Fields: every ``StageSettings`` field
 (``imagen_jax/config_defaults.py``; listed by ``--help``), mesh_shape
-(data,fsdp,tensor) and use_ema.
+(data,fsdp,tensor), use_ema, and kernels (``model.kernels`` for every
+stage, e.g. ``cudnn`` on NVIDIA GPUs; default: each stage's own).
 
 Exit codes: 0 done; 2 bad input (one line on stderr).
 """
@@ -32,7 +33,7 @@ from typing import Optional, Sequence
 from imagen_jax import host_malloc
 
 PROG = "imagen-sample"
-OTHER_FIELDS = {"mesh_shape": "-1,1,1", "use_ema": "true"}
+OTHER_FIELDS = {"mesh_shape": "-1,1,1", "use_ema": "true", "kernels": ""}
 
 
 def setting_fields() -> tuple[str, ...]:
@@ -74,6 +75,12 @@ def parse_overrides(args: Sequence[str]) -> dict:
             spec.parse(key, part)
           except ValueError as e:
             _fail(str(e))
+    if key == "kernels":
+      from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
+      try:
+        config_defaults.MODEL["kernels"].parse("kernels", value)
+      except ValueError as e:
+        _fail(str(e))
     out[key] = value
   return out
 
@@ -160,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   t0 = time.perf_counter()
   try:
     cas = cascade_lib.Cascade.load(stage_dirs, t5=args.t5, use_ema=use_ema,
-                                   mesh_shape=mesh_shape)
+                                   mesh_shape=mesh_shape,
+                                   kernels=overrides.get("kernels") or None)
     settings = cascade_lib.resolve_settings(
         [s.config for s in cas.stages],
         {k: v for k, v in overrides.items() if k in setting_fields()})
@@ -202,6 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  for s, st in zip(cas.stages, settings)],
       "stop_after": args.stop_after, "start_image": args.start_image,
       "use_ema": use_ema, "mesh_shape": list(mesh_shape),
+      "kernels": [str(s.config.model.kernels) for s in cas.stages],
       "text_encoder": cas.text_encoder.spec,
       "grid": out, "images": files, "captions": captions,
       "elapsed_s": round(time.perf_counter() - t0, 2),

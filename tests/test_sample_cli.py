@@ -39,7 +39,8 @@ def test_sample_writes_grid_pngs_and_sidecar(workdir, tmp_path):
   proc = _run("imagen_jax.sample", [
       f"--stages={workdir}/base,{workdir}/sr", "--prompt", "a yellow square",
       "--prompts-file", str(prompts), "--num-samples", "2", "--seed", "5",
-      "--out", str(out), "--config.num_steps=3,2", "--config.guidance_scale=2.0"])
+      "--out", str(out), "--config.num_steps=3,2", "--config.guidance_scale=2.0",
+      "--config.kernels=reference"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert out.is_file()
   files = sorted(p.name for p in out.parent.glob("grid_*.png"))
@@ -51,6 +52,7 @@ def test_sample_writes_grid_pngs_and_sidecar(workdir, tmp_path):
   assert [s["settings"]["num_steps"] for s in side["stages"]] == [3, 2]
   assert {s["settings"]["guidance_scale"] for s in side["stages"]} == {2.0}
   assert side["text_encoder"]["t5"] == "tiny"
+  assert side["kernels"] == ["reference", "reference"]
   assert "stage 0" in proc.stderr and "stage 1" in proc.stderr  # progress bars
 
 
@@ -80,6 +82,8 @@ def test_sample_from_export_and_start_image(workdir, tmp_path):
      "config.sampler='euler' is invalid; choose one of ancestral"),
     (["--stages={wd}/base", "--prompt", "x", "--config.steps=3"],
      "unknown config field"),
+    (["--stages={wd}/base", "--prompt", "x", "--config.kernels=tpu"],
+     "kernels='tpu' is invalid"),
     (["--stages={wd}/base"], "no prompts"),
 ])
 def test_sample_bad_input_is_one_line_exit_2(workdir, tmp_path, args, pattern):
