@@ -84,6 +84,23 @@ def param_shapes(module: nn.Module, inputs: dict[str, Any]) -> Any:
   return variables["params"]
 
 
+def check_model(config: ml_collections.ConfigDict) -> None:
+  """Traces a stage's U-Net init on its input shapes (no compilation, no memory).
+
+  Fields that each pass the schema can still not fit together: num_groups
+  not dividing a level's width, a per-level tuple of the wrong length, a
+  resolution the levels cannot halve. The U-Net raises its one-line error
+  then, and so does this, before any data is read or workdir written.
+
+  Args:
+    config: a full stage config.
+
+  Raises:
+    ValueError: the U-Net's message (TypeError for a shape jax refuses).
+  """
+  param_shapes(build_unet(config.model), unet_inputs(config, 1, 4))
+
+
 def count_params(params: Any) -> int:
   """Number of scalars in a (possibly boxed or abstract) param tree."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.unbox(params)))

@@ -68,6 +68,22 @@ def config_value(prog: str, holder):
   return config
 
 
+def check_stage_model(prog: str, config, where: str = "config") -> None:
+  """Fails with one line (exit 2) unless the stage's U-Net builds.
+
+  Args:
+    prog: the command's name, for the message.
+    config: a validated stage config (``config_value``).
+    where: the config's path, for the message (e.g. "config.base").
+  """
+  from imagen_jax import build  # pylint: disable=g-import-not-at-top
+  try:
+    build.check_model(config)
+  except (ValueError, TypeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    fail(prog, f"{where}.model does not build a U-Net: {first}")
+
+
 def _load_config(prog: str, holder):
   try:
     config = holder.value

@@ -129,13 +129,19 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def main(argv) -> int:
   """absl main; returns the exit code."""
   from imagen_jax import cli  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     cli.fail(PROG, f"unexpected arguments {argv[1:]}; everything is a --flag.")
   config = cli.config_value(PROG, _F["config"])
   if not _F["workdir"].value:
     cli.fail(PROG, "--workdir is required (where data, checkpoints and the "
              "report go), e.g. --workdir=/tmp/imagen-demo.")
+  for which in ("base", "sr"):
+    cli.check_stage_model(
+        PROG, stage_config(config, which, _F["workdir"].value),
+        f"config.{which}")
+  # Imported after the checks: it loads TensorFlow, whose start-up log lines
+  # would bury a one-line error.
+  from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
   return loop.run_as_cli(PROG, run, config, _F["workdir"].value)
 
 

@@ -5,6 +5,9 @@ import functools
 import glob
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -108,6 +111,29 @@ def test_new_user_mistakes_are_one_line_exit_2(tmp_path, override, field,
   assert not (tmp_path / "run").exists()  # refused before any work
 
 
+@pytest.mark.parametrize("module,config,override,message", [
+    ("imagen_jax.train.main", "configs/tiny.py", "model.num_groups=7",
+     "imagen-train: config.model does not build a U-Net: GroupNorm: 16 "
+     "channels are not divisible into 7 groups"),
+    ("imagen_jax.train.main", "configs/tiny.py", "model.num_res_blocks=1,1,1",
+     "imagen-train: config.model does not build a U-Net: num_res_blocks has 3 "
+     "entries but channel_mult has 2 levels"),
+    ("imagen_jax.demo", "configs/demo.py:quick", "sr.model.channel_mult=1,2,3",
+     "imagen-demo: config.sr.model does not build a U-Net:"),
+])
+def test_fields_that_do_not_fit_together_are_one_line_exit_2(
+    tmp_path, module, config, override, message):
+  """Each field passes the schema; together they build no U-Net."""
+  proc = helpers.run_cli(module, f"--config={config}",
+                         f"--workdir={tmp_path}/run", f"--config.{override}",
+                         timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith(message), lines[0]
+  assert not (tmp_path / "run").exists()  # refused before any work
+
+
 def test_every_config_is_valid_and_every_field_is_checked():
   """Each field of each config, with a wrong type and an out-of-range value."""
   checked = 0
@@ -192,6 +218,24 @@ def test_a_field_added_in_one_place_is_seen_everywhere(monkeypatch):
   config.model.new_knob = -1
   with pytest.raises(cd.ConfigError, match=r"config\.model\.new_knob=-1 .*>= 0"):
     cd.validate(config)
+  # The UNet takes it as an attribute with its default, with no second
+  # declaration: a fresh process in which the field is declared before the
+  # model code is imported.
+  code = textwrap.dedent("""
+      from imagen_jax import config_defaults as cd
+      cd.MODEL["new_knob"] = cd.Field(3, "a test knob", min=0)
+      from imagen_jax import build
+      from imagen_jax.models.unet import UNet
+      config = cd.base()
+      assert UNet().new_knob == 3
+      config.model.new_knob = 5
+      assert build.build_unet(config.model).new_knob == 5
+      print("seen by the UNet")
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=300, cwd=helpers.ROOT,
+                        stdin=subprocess.DEVNULL)
+  assert "seen by the UNet" in proc.stdout, proc.stderr[-2000:]
 
   knob = cd.Field(0.5, "a test setting", min=0.0, max=1.0)
   extended = dataclasses.make_dataclass(

@@ -32,7 +32,7 @@ II, and ``out_channels=6`` for eps plus learned-variance channels.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -63,17 +63,35 @@ def _per_level(value, levels: int, name: str) -> tuple:
   return value
 
 
-def _default(name: str) -> Any:
-  """A field's default, from its one declaration in ``config_defaults.MODEL``."""
-  return config_defaults.MODEL[name].default
+def settings_module(schema: dict) -> type:
+  """An ``nn.Module`` base class with one attribute per field of ``schema``.
+
+  Args:
+    schema: field name -> ``config_defaults.Field``.
+
+  Returns:
+    A flax module class whose dataclass attributes are the fields, each with
+    its declared default.
+  """
+  namespace = {name: spec.default for name, spec in schema.items()}
+  namespace["__annotations__"] = {name: spec.kind
+                                  for name, spec in schema.items()}
+  namespace["__module__"] = __name__
+  return type("ModelSettings", (nn.Module,), namespace)
 
 
-class UNet(nn.Module):
+# The U-Net's settings are declared once, in config_defaults.MODEL (name,
+# default, type, range, meaning): a field declared there is a UNet attribute.
+ModelSettings = settings_module(config_defaults.MODEL)
+
+
+class UNet(ModelSettings):
   """Text-conditioned U-Net for one diffusion stage.
 
-  Every attribute is a field of ``config_defaults.MODEL``, whose declaration
-  gives its default (the UNet built from a config and one built with no
-  arguments agree).
+  Its attributes are the fields of ``config_defaults.MODEL`` with their
+  declared defaults (``ModelSettings``), so the UNet built from a config and
+  one built with no arguments agree and a new field needs no second
+  declaration. What they mean:
 
   Attributes:
     base_channels: width of level 0 (embed dim in the paper).
@@ -118,35 +136,6 @@ class UNet(nn.Module):
     kernels: kernel implementation (``imagen_jax.kernels.CHOICES``): "auto"
       (the backend's default), "reference", "xla_cpu", "cudnn".
   """
-  base_channels: int = _default("base_channels")
-  channel_mult: Sequence[int] = _default("channel_mult")
-  num_res_blocks: Any = _default("num_res_blocks")
-  self_attn: Any = _default("self_attn")
-  cross_attn: Any = _default("cross_attn")
-  efficient: bool = _default("efficient")
-  mid_attn: bool = _default("mid_attn")
-  full_res_skip: bool = _default("full_res_skip")
-  head_dim: int = _default("head_dim")
-  ff_mult: int = _default("ff_mult")
-  text_dim: int = _default("text_dim")
-  cond_dim: int = _default("cond_dim")
-  text_layers: int = _default("text_layers")
-  emb_dim: int = _default("emb_dim")
-  in_channels: int = _default("in_channels")
-  out_channels: int = _default("out_channels")
-  lowres_cond: bool = _default("lowres_cond")
-  lowres_resize: str = _default("lowres_resize")
-  num_groups: int = _default("num_groups")
-  dropout: float = _default("dropout")
-  dtype: str = _default("dtype")
-  remat: str = _default("remat")
-  family: str = _default("family")
-  res_scale: float = _default("res_scale")
-  mid_scale: float = _default("mid_scale")
-  emb_act: bool = _default("emb_act")
-  skip_time_act: bool = _default("skip_time_act")
-  pool_heads: int = _default("pool_heads")
-  kernels: str = _default("kernels")
 
   def _check_inputs(self, x, logsnr, text, text_mask, lowres, aug_logsnr):
     levels = len(self.channel_mult)

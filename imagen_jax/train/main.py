@@ -39,6 +39,7 @@ def main(argv) -> int:
   config = cli.config_value(PROG, _CONFIG)
   if _WORKDIR.value is None:
     cli.fail(PROG, "--workdir is required.")
+  cli.check_stage_model(PROG, config)
   from imagen_jax import parallel  # pylint: disable=g-import-not-at-top
   from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
