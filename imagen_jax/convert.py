@@ -199,11 +199,41 @@ def read_unet(src: str, variant: str = "") -> tuple[dict, dict]:
         f"{src} is not an IF checkpoint directory: no unet/config.json "
         "(diffusers' layout) nor config.yml (deepfloyd_if's).")
   raw = fileio.read_json(unet_cfg)
+  _refuse_latent_stage(src, raw)
   if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
     raise convert_if.ConvertError(
         f"{unet_cfg} describes a {raw['_class_name']}, not IF's "
         "UNet2DConditionModel (IF's stage III is out of scope).")
   return raw, convert_if.unet_config_to_model(raw)
+
+
+# The pipelines whose U-Net is an IF pixel stage (model_index.json's class).
+IF_PIPELINES = ("IFPipeline", "IFSuperResolutionPipeline",
+                "IFImg2ImgPipeline", "IFImg2ImgSuperResolutionPipeline",
+                "IFInpaintingPipeline", "IFInpaintingSuperResolutionPipeline")
+
+
+def _refuse_latent_stage(src: str, raw: dict) -> None:
+  """One line for IF's stage III (the Stable Diffusion x4 upscaler) or any
+  other latent-diffusion directory: its U-Net is a UNet2DConditionModel too,
+  but it denoises VAE latents, which no IF stage does."""
+  index = fileio.join(src, "model_index.json")
+  pipeline = ""
+  if fileio.isfile(index):
+    pipeline = str(fileio.read_json(index).get("_class_name", ""))
+  why = ""
+  if pipeline and pipeline not in IF_PIPELINES:
+    why = f"model_index.json names a {pipeline}"
+  elif fileio.isdir(fileio.join(src, "vae")):
+    why = "it has a vae/ (a latent model)"
+  elif (raw.get("in_channels"), raw.get("out_channels")) == (7, 4):
+    why = ("its U-Net maps 7 to 4 channels (latents + a low-res image: the "
+           "x4 upscaler's shape)")
+  if why:
+    raise convert_if.ConvertError(
+        f"{src} is not an IF pixel stage: {why}. IF's stage III is the "
+        "Stable Diffusion x4 upscaler, a latent model we do not run; convert "
+        "stages I and II (IF-I-*, IF-II-*) and stop the cascade at 256 px.")
 
 
 # Bytes of converted tensors orbax writes at once: the converter's host
@@ -575,7 +605,11 @@ def write_export(out: str, params: dict, config, spec: dict,
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """CLI main; returns the exit code."""
   from imagen_jax import cli  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(
+      prog=PROG, description=__doc__.splitlines()[0],
+      epilog="Converts IF's pixel stages I (64 px) and II (64 -> 256 px). "
+      "Stage III (the Stable Diffusion x4 upscaler, a latent model) is out "
+      "of scope and refused.")
   p.add_argument("--src", required=True,
                  help="IF stage directory: diffusers' layout (unet/, "
                  "text_encoder/, tokenizer/) or deepfloyd_if's (config.yml + "

@@ -49,6 +49,8 @@ def _write_if_dir(path):
   os.makedirs(os.path.join(path, "tokenizer"))
   shutil.copy(vocab_lib.default_vocab_path(),
               os.path.join(path, "tokenizer", "spiece.model"))
+  with open(os.path.join(path, "model_index.json"), "w") as f:
+    json.dump({"_class_name": "IFPipeline"}, f)   # as the model card's
   return unet.to(torch.float32)
 
 
@@ -193,6 +195,23 @@ def test_bad_inputs_are_one_line_exit_2(converted, tmp_path, capsys):
   json.dump(cfg, open(cfg_path, "w"))
   assert "'brand_new_option'" in _fails(capsys, "--src", broken, "--out", out,
                                         "--variant", "fp16")
+  # IF's stage III (the Stable Diffusion x4 upscaler) is a latent model:
+  # refused by its pipeline class, its vae/, or its U-Net's 7 -> 4 channels.
+  for how in ("index", "vae", "channels"):
+    latent = str(tmp_path / f"stage3_{how}")
+    shutil.copytree(src, latent)
+    if how == "index":
+      json.dump({"_class_name": "StableDiffusionUpscalePipeline"},
+                open(os.path.join(latent, "model_index.json"), "w"))
+    elif how == "vae":
+      os.makedirs(os.path.join(latent, "vae"))
+    else:
+      os.remove(os.path.join(latent, "model_index.json"))
+      cfg_path = os.path.join(latent, "unet", "config.json")
+      cfg = dict(json.load(open(cfg_path)), in_channels=7, out_channels=4)
+      json.dump(cfg, open(cfg_path, "w"))
+    err = _fails(capsys, "--src", latent, "--out", out, "--variant", "fp16")
+    assert "is not an IF pixel stage" in err and "x4 upscaler" in err, err
   # deepfloyd_if's layout without its weights (tests/test_if_deepfloyd.py
   # converts a whole one).
   orig = tmp_path / "orig"
