@@ -74,7 +74,8 @@ def apply() -> None:
   if _cpu_backend_started():
     warnings.warn(
         "imagen_jax was imported after JAX started on the CPU, so XLA keeps "
-        "its YNNPACK fusions (U-Net training steps ~1.5x slower); import "
+        "its YNNPACK fusions (slower U-Net training steps; "
+        "benchmarks/RESULTS.md); import "
         "imagen_jax before the first JAX computation, or start Python with "
         f"XLA_FLAGS={_YNN_FLAG}", RuntimeWarning, stacklevel=3)
 

@@ -137,8 +137,9 @@ def _bias_gelu_bwd(res, dy):
   # gelu'(z) = s + z s (1 - s) 2a' = (1 + e + z 2a' e) / (1 + e)^2. Written
   # to end in that divide so that XLA computes dz once: as a cheap product
   # it was copied into the transposed operand of the kernel-gradient matmul
-  # and recomputed there at ~1 GB/s (an optimization_barrier does not stop
-  # that on XLA:CPU; it is dropped before fusion).
+  # and recomputed there, slowly, element by element (an
+  # optimization_barrier does not stop that on XLA:CPU; it is dropped before
+  # fusion).
   # exp clamped at e^40: beyond it gelu' < 1e-15 and (1 + e)^2 would
   # overflow float32 (inf / inf = nan).
   e = jnp.exp(jnp.minimum(-a2, 40.0))

@@ -9,11 +9,12 @@ written (a job killed mid-save leaves nothing that restore would read).
 Restores take a target with shardings, so a checkpoint saved on one mesh
 restores onto any other.
 
-Small leaves are packed. Orbax and tensorstore spend about a millisecond per
+Small leaves are packed. Orbax and tensorstore spend a fixed cost per
 array on a save whatever its size, and a U-Net's train state is mostly
-small arrays (biases, norm scales, their optimizer moments): ~800 arrays for
-the tiny config's 3.5 MB, which alone took about a second to write (more
-with every small array split into shards on a mesh). Leaves of at most
+small arrays (biases, norm scales, their optimizer moments), so a small
+state's save time was that per-array cost times the array count (more with
+every small array split into shards on a mesh; benchmarks/RESULTS.md,
+"Checkpoint saves"). Leaves of at most
 ``PACK_LEAF_BYTES`` are copied to the host and concatenated into one flat
 buffer per dtype (``state/packed/<dtype>``); larger leaves are saved as
 arrays in the state's own nesting (``state/large/...``) with their

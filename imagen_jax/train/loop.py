@@ -244,11 +244,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   check_workdir_config(workdir, config, write=False)
   # First, while nothing else runs: on CPU the peak is a matmul measured now,
   # and the checkpointer's background compile of its snapshot copy or the
-  # prefetch threads would share the cores with it (the demo's SR stage
-  # measured a third of the peak that way and logged MFU ~100%).
+  # prefetch threads would share the cores with it, measuring a low peak and
+  # so logging an MFU near 100%.
   peak, peak_src = metrics_lib.peak_flops_per_device(float(config.peak_flops))
-  # The host allocator moves CPU step times by 10-45% (host_malloc.py), so a
-  # log that reports speed says which one ran.
+  # The host allocator moves CPU step times (host_malloc.py), so a log that
+  # reports speed says which one ran.
   logging.info("peak %.4g FLOP/s per device (%s); host malloc: %s", peak,
                peak_src, host_malloc.loaded_allocator())
   stage = Stage.from_config(config)

@@ -89,7 +89,8 @@ def step_flops(lowered) -> float:
   The compiled program's cost analysis counts one device's share of an SPMD
   step (an 8-device mesh reports 1/8), and on NVIDIA GPUs it leaves out the
   convolutions and matmuls that XLA hands to cuDNN/cuBLAS as custom calls
-  (an H100 reported 15.5 of a U-Net step's ~84 GFLOP). The lowered count is
+  (a small fraction of a U-Net step's FLOPs; benchmarks/RESULTS.md). The
+  lowered count is
   the same on every mesh and backend; it includes remat's recomputation,
   as a hardware-FLOPs MFU does.
 
