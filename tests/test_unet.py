@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from imagen_jax import build
+from imagen_jax import convert_if
+from imagen_jax import parallel
 from imagen_jax.models import layers
 from tests import helpers
 
@@ -157,19 +159,40 @@ def test_paper_param_counts(stage, target, tol):
   assert abs(n - target) <= tol * target, f"{stage}: {n / 1e6:.0f}M params"
 
 
-def test_params_carry_logical_axis_names():
-  config = load_config("sr256")
+def _if_stage_config(name):
+  """A stage config holding a published IF U-Net's model fields."""
+  fields = convert_if.unet_config_to_model(convert_if.IF_CONFIGS[name])
+  config = load_config("sr256" if fields["lowres_cond"] else "base64")
+  config.resolution = fields.pop("resolution")
+  config.lowres_resolution = 64
+  for key, value in fields.items():
+    config.model[key] = value
+  return config
+
+
+@pytest.mark.parametrize("stage", ["sr256", "IF-I-XL", "IF-II-L"])
+def test_params_carry_logical_axis_names(stage):
+  config = (_if_stage_config(stage) if stage.startswith("IF")
+            else load_config(stage))
   module = build.build_unet(config.model)
   boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
                                              **build.unet_inputs(config, 1, 4)))
   specs = nn.get_partition_spec(boxed)["params"]
   flat = jax.tree_util.tree_flatten_with_path(
       specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
-  # Every kernel and embedding (rank >= 2) has named axes.
   shapes = jax.tree_util.tree_leaves(nn.unbox(boxed)["params"])
+  assert len(flat) == len(shapes)
+  known = {name for name, _ in parallel.DEFAULT_RULES}
   for (path, spec), shape in zip(flat, shapes):
+    where = jax.tree_util.keystr(path)
+    # Every parameter is boxed with one name (or None) per axis, the names
+    # are ones the mesh rules map, and every kernel and embedding (rank >= 2)
+    # has at least one named axis.
+    assert isinstance(spec, jax.sharding.PartitionSpec), where
+    assert len(spec) == len(shape.shape), where
+    assert {n for n in spec if n is not None} <= known, (where, spec)
     if len(shape.shape) >= 2:
-      assert any(name is not None for name in spec), jax.tree_util.keystr(path)
+      assert any(name is not None for name in spec), where
 
 
 def _apply(config, **overrides):
