@@ -284,6 +284,30 @@ def test_ancestral_sampling_matches_if_pipeline(sr):
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 
 
+def test_learned_variance_steers_ancestral_sampling_only():
+  """IF's variance channels set the ancestral step's variance; DDIM and
+  DPM-Solver++ are deterministic given eps and ignore them."""
+  net, params = converted(diffusers_unet(False, seed=5))
+  rng = np.random.default_rng(6)
+  text = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
+  inputs = stage_lib.SampleInputs(text, jnp.ones((2, 5), bool))
+  stage = stage_lib.Stage(unet=net, resolution=16, schedule="discrete_cosine")
+  # Other variance outputs: the conv_out channels past the first three.
+  shifted = jax.tree_util.tree_map(jnp.asarray, params)
+  shifted["conv_out"] = {
+      "kernel": shifted["conv_out"]["kernel"].at[..., 3:].multiply(-3.0),
+      "bias": shifted["conv_out"]["bias"].at[3:].add(0.7)}
+  for sampler, same in [("ddim", True), ("dpmpp_2m", True),
+                        ("ancestral", False)]:
+    settings = stage_lib.StageSettings(
+        sampler=sampler, guidance_scale=3.0, threshold="none",
+        timesteps="steps:999,700,400,100,0")
+    out = [np.asarray(stage.sample(p, inputs, jax.random.PRNGKey(1), settings))
+           for p in (params, shifted)]
+    diff = float(np.abs(out[0] - out[1]).max())
+    assert (diff == 0.0) == same, (sampler, diff)
+
+
 @pytest.mark.parametrize("name,published", [("IF-I-XL", 4.3e9),
                                             ("IF-II-L", 1.2e9)])
 def test_published_sizes_and_every_tensor_maps(name, published):
