@@ -249,6 +249,8 @@ class Cascade:
     else:
       raise CascadeError(f"--t5 {t5!r} is neither a T5 spec .json nor a Hugging "
                          "Face checkpoint directory.")
+    # How the stages read text is theirs, whichever T5 file serves them.
+    enc = enc.with_conditioning(spec.get("conditioning", "masked"))
     try:
       encoder_lib.check_same_encoder(spec, enc.spec, f"--t5 {t5}")
     except ValueError as e:
@@ -378,6 +380,9 @@ class Cascade:
 
     text, mask = self.encode(prompts)
     inputs = SampleInputs(text=layout(text), text_mask=layout(mask))
+    if negative_prompts is None and self.text_encoder.conditioning == "full":
+      # IF's unconditional branch is T5 of the empty caption, not zeros.
+      negative_prompts = [""] * len(prompts)
     if negative_prompts is not None:
       neg_text, neg_mask = self.encode(negative_prompts)
       inputs = inputs.replace(negative_text=layout(neg_text),

@@ -165,7 +165,8 @@ def text_encoder_spec(text_encoder: str, vocab: str,
     dtype: T5 compute dtype recorded.
 
   Returns:
-    The spec ``TextEncoder.from_hf`` would write for ``text_encoder``.
+    The spec ``TextEncoder.from_hf`` would write for ``text_encoder``, with
+    IF's "full" text conditioning.
   """
   from imagen_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.text import t5_checkpoints  # pylint: disable=g-import-not-at-top
@@ -182,7 +183,10 @@ def text_encoder_spec(text_encoder: str, vocab: str,
               source="hf", checkpoint=fileio.abspath(te), seed=0,
               vocab=fileio.abspath(vocab), max_length=IF_MAX_LENGTH,
               vocab_sha256=vocab_lib.vocab_sha256(vocab),
-              config=config.to_dict())
+              config=config.to_dict(),
+              # IF reads T5's outputs at every position, unmasked, and guides
+              # against T5 of the empty caption (encoder.CONDITIONINGS).
+              conditioning="full")
 
 
 def read_unet(src: str, variant: str = "") -> tuple[dict, dict]:

@@ -268,9 +268,11 @@ class Stage:
              noise: Optional[dict] = None, progress_fn=None) -> jax.Array:
     """Samples images for a batch of text embeddings (jit this).
 
-    Classifier-free guidance runs when ``settings.guidance_scale != 1`` or a
-    negative text is given: the network then runs once per step on 2B
-    examples (conditional and unconditional batched); otherwise once on B.
+    Classifier-free guidance runs when ``settings.guidance_scale != 1``: the
+    network then runs once per step on 2B examples (conditional and
+    unconditional or negative text, batched); otherwise once on B, the
+    negative text unused (at scale 1 guidance is the conditional prediction
+    whatever the unconditional one).
 
     Args:
       params: U-Net params (EMA params in practice).
@@ -323,7 +325,7 @@ class Stage:
                   percentile=settings.percentile,
                   threshold_max=settings.threshold_max,
                   learned_variance=self.learned_variance, x0_offset=offset)
-    if settings.guidance_scale == 1.0 and inputs.negative_text is None:
+    if settings.guidance_scale == 1.0:
       denoise = diffusion.make_denoiser(model_fn, cond=(text, mask), **common)
     else:
       if inputs.negative_text is None:

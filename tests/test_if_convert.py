@@ -7,6 +7,7 @@ must load through ``Cascade`` on the 8-device mesh with FSDP, reproduce the
 diffusers U-Net, sample from text, and fine-tune with ``init_from``.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,10 +25,11 @@ from imagen_jax import config_defaults
 from imagen_jax import convert
 from imagen_jax import parallel
 from imagen_jax.diffusion import discrete
+from imagen_jax.text import encoder as encoder_lib
 from imagen_jax.text import vocab as vocab_lib
 from imagen_jax.train import loop
 from tests import helpers
-from tests.test_if import tiny_if_config
+from tests.test_if import if_scheduler, tiny_if_config
 
 T5_KW = dict(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_layers=2,
              num_heads=4, relative_attention_num_buckets=32,
@@ -117,6 +119,69 @@ def test_converted_stage_samples_through_cascade_sharded(converted):
   diff = np.abs(sharded.astype(int) - single.astype(int))
   assert diff.max() <= 3 and diff.mean() < 0.1, (diff.max(), diff.mean())
   assert sharded.std() > 0
+
+
+def test_cascade_text_path_matches_if_pipeline(converted):
+  """Prompts in, images out, as diffusers' IFPipeline does it: its tokenizer
+  (lowercased captions, 77 tokens with padding), T5's outputs at every
+  position unmasked, and guidance against T5 of the empty caption."""
+  src, out, model = converted
+  casc = cascade_lib.Cascade.load(
+      [out], mesh=parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
+  assert casc.text_encoder.conditioning == "full"
+  # float32 T5 (the record says bfloat16) to compare with transformers'.
+  casc = cascade_lib.Cascade(casc.stages, encoder_lib.TextEncoder.from_spec(
+      casc.stages[0].text_encoder_spec, mesh=casc.mesh, dtype="float32"),
+                             casc.mesh)
+  prompts = ["A Red circle ", "two blue squares above a cyan triangle"]
+  batch = casc.prepare(prompts)
+
+  tokenizer = transformers.T5Tokenizer.from_pretrained(
+      os.path.join(src, "tokenizer"))
+  t5 = transformers.T5EncoderModel.from_pretrained(
+      os.path.join(src, "text_encoder")).eval()
+  # The embeddings: every one of the 77 positions, padding included, and the
+  # empty caption's as the unconditional text.
+  for texts, got in ((prompts, batch.inputs.text),
+                     (["", ""], batch.inputs.negative_text)):
+    toks = tokenizer([t.lower().strip() for t in texts], padding="max_length",
+                     max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+      want = t5(toks.input_ids, attention_mask=toks.attention_mask)[0].numpy()
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+  assert bool(np.asarray(batch.inputs.text_mask).all())
+  assert bool(np.asarray(batch.inputs.negative_mask).all())
+
+  # The images, with the pipeline's noise draws.
+  steps = [999, 700, 400, 100, 0]
+  gen = torch.Generator().manual_seed(0)
+  nchw = (2, 3, 16, 16)
+  init = torch.randn(nchw, generator=gen)
+  draws = torch.stack([torch.randn(nchw, generator=gen) for _ in steps[:-1]]
+                      + [torch.zeros(nchw)])
+  noise = {"init": jnp.asarray(np.moveaxis(init.numpy(), 1, -1)),
+           "steps": jnp.asarray(np.moveaxis(draws.numpy(), 2, -1))}
+  pipe = diffusers.IFPipeline(
+      unet=model, scheduler=if_scheduler(), tokenizer=tokenizer,
+      text_encoder=t5, safety_checker=None, feature_extractor=None,
+      watermarker=None, requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    ref = pipe(prompt=prompts, timesteps=steps, guidance_scale=7.0,
+               output_type="pt", generator=torch.Generator().manual_seed(0),
+               height=16, width=16, clean_caption=False).images
+  loaded = casc.stages[0]
+  stage = dataclasses.replace(loaded.stage,
+                              unet=loaded.stage.unet.clone(dtype="float32"))
+  settings = cascade_lib.StageSettings(
+      sampler="ancestral", guidance_scale=7.0, threshold="dynamic",
+      percentile=95.0, threshold_max=1.5,
+      timesteps="steps:" + ",".join(map(str, steps)))
+  ours = stage.sample(loaded.params, batch.inputs, jax.random.PRNGKey(0),
+                      settings, noise=noise)
+  np.testing.assert_allclose(np.asarray(ours),
+                             ref.permute(0, 2, 3, 1).numpy(), atol=2e-4,
+                             rtol=0)
 
 
 def test_fine_tune_from_converted_export(converted, tmp_path):

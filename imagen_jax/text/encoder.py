@@ -29,7 +29,19 @@ from imagen_jax.text import vocab as vocab_lib
 DEFAULT_MAX_LENGTH = 128  # the paper's
 
 SPEC_IDENTITY_KEYS = ("t5", "source", "checkpoint", "seed", "random_init",
-                      "vocab_sha256", "max_length")
+                      "vocab_sha256", "max_length", "conditioning")
+
+# How captions become the U-Net's text conditioning (the spec's
+# "conditioning"; a property of the stages that read it, so it travels with
+# their encoder record):
+#   masked  ours: embeddings past each caption are zero and masked out; the
+#           null text (guidance's unconditional branch) is all zeros, all
+#           masked.
+#   full    DeepFloyd IF's pipeline: captions lowercased and stripped, T5's
+#           outputs at all max_length positions (padding included), every
+#           position visible (IF's U-Net takes no text mask); the null text
+#           is T5 of the empty caption (EOS, then padding).
+CONDITIONINGS = ("masked", "full")
 
 # How a random-weight encoder is initialised (``config.text.random_init``):
 #   t5     T5's own initialisation (what t5x trains from). At random weights
@@ -44,14 +56,16 @@ SPEC_IDENTITY_KEYS = ("t5", "source", "checkpoint", "seed", "random_init",
 RANDOM_INITS = config_defaults.RANDOM_INITS  # declared with the config schema
 
 
-def tokenize(vocab, texts: Sequence[str], max_length: int
-             ) -> tuple[np.ndarray, np.ndarray, int]:
+def tokenize(vocab, texts: Sequence[str], max_length: int,
+             empty_is_null: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
   """Tokenizes, appends EOS and trims to ``max_length`` (EOS kept last).
 
   Args:
     vocab: a seqio vocabulary.
-    texts: captions; "" is the null text (all padding).
+    texts: captions; "" is the null text (all padding) when
+      ``empty_is_null``, else a caption of EOS alone.
     max_length: tokens per example including EOS.
+    empty_is_null: see ``texts``.
 
   Returns:
     (ids ``[B, max_length]`` int32, mask ``[B, max_length]`` bool, number of
@@ -62,7 +76,7 @@ def tokenize(vocab, texts: Sequence[str], max_length: int
   for i, text in enumerate(texts):
     if isinstance(text, bytes):
       text = text.decode("utf-8", errors="replace")
-    if not text:
+    if not text and empty_is_null:
       continue  # null text: no tokens at all, not even EOS
     toks = list(vocab.encode(text))
     if len(toks) + 1 > max_length:
@@ -204,8 +218,31 @@ class TextEncoder:
     else:
       raise ValueError(f"Text encoder spec has unknown source {source!r}; "
                        "expected random, hf or t5x.")
+    enc = enc.with_conditioning(spec.get("conditioning", "masked"))
     check_same_encoder(spec, enc.spec, "the rebuilt encoder")
     return enc
+
+  def with_conditioning(self, conditioning: str) -> "TextEncoder":
+    """This encoder, encoding for stages that read text as ``conditioning``.
+
+    Args:
+      conditioning: one of ``CONDITIONINGS``.
+
+    Returns:
+      A ``TextEncoder`` sharing this one's params, whose spec records it.
+    """
+    if conditioning not in CONDITIONINGS:
+      raise ValueError(f"Text conditioning {conditioning!r}; use one of "
+                       f"{', '.join(CONDITIONINGS)}.")
+    spec = {k: v for k, v in self.spec.items() if k != "conditioning"}
+    if conditioning != "masked":  # specs without the key read as "masked"
+      spec["conditioning"] = conditioning
+    return dataclasses.replace(self, spec=spec)
+
+  @property
+  def conditioning(self) -> str:
+    """How captions become conditioning (``CONDITIONINGS``)."""
+    return self.spec.get("conditioning", "masked")
 
   # --- encoding -----------------------------------------------------------------
 
@@ -233,8 +270,10 @@ class TextEncoder:
       mask: ``[B, L]`` bool, True for real tokens.
 
     Returns:
-      (embeddings ``[B, L, D]`` float32, mask ``[B, L]`` bool). Rows with no
-      token (null text) come back as zeros with an all-False mask.
+      (embeddings ``[B, L, D]`` float32, mask ``[B, L]`` bool). Under
+      "masked" conditioning, positions past the tokens are zeros and masked
+      (a row with no token, the null text, is all zeros, all masked); under
+      "full" every position keeps T5's output and the mask is all True.
     """
     ids = np.asarray(ids, np.int32)
     mask = np.asarray(mask, bool)
@@ -250,15 +289,25 @@ class TextEncoder:
     emb = self._forward()(self.params, jax.device_put(ids, sharding),
                           jax.device_put(mask, sharding))[:n]
     mask = jnp.asarray(mask[:n])
+    if self.conditioning == "full":
+      return emb, jnp.ones_like(mask)
     return jnp.where(mask[..., None], emb, 0.0), mask
 
   def encode(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     """Encodes captions to (embeddings ``[B, max_length, D]``, mask ``[B, max_length]``).
 
     Captions longer than ``max_length`` tokens are truncated (EOS kept) with
-    a warning; "" is the null text (all-False mask, zero embeddings).
+    a warning; "" is the null text (all-False mask, zero embeddings) under
+    "masked" conditioning, T5 of the empty caption under "full" (which also
+    lowercases and strips captions, as IF's pipeline does).
     """
-    ids, mask, truncated = tokenize(self.vocab, list(texts), self.max_length)
+    texts = list(texts)
+    full = self.conditioning == "full"
+    if full:
+      texts = [(t.decode("utf-8", errors="replace") if isinstance(t, bytes)
+                else t).lower().strip() for t in texts]
+    ids, mask, truncated = tokenize(self.vocab, texts, self.max_length,
+                                    empty_is_null=not full)
     if truncated:
       logging.warning("%d of %d prompts were longer than %d tokens and were "
                       "truncated.", truncated, len(texts), self.max_length)
@@ -338,6 +387,8 @@ def check_same_encoder(expected: dict, got: dict, what: str) -> None:
     # Specs written before random_init existed describe T5's own init.
     if key == "random_init" and spec.get("source") == "random":
       return spec.get(key, "t5")
+    if key == "conditioning":
+      return spec.get(key, "masked")
     return spec.get(key)
 
   for key in SPEC_IDENTITY_KEYS + ("config",):
