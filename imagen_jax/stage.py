@@ -113,6 +113,11 @@ class SampleInputs:
   init_image: Optional[jax.Array] = None
 
 
+def _diffusion_default(name: str):
+  """A diffusion field's default, from its declaration in config_defaults."""
+  return config_defaults.DIFFUSION[name].default
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """A U-Net and the diffusion settings of one cascade stage.
@@ -138,15 +143,16 @@ class Stage:
   resolution: int
   lowres_resolution: int = 0
   train_crop: int = 0
-  schedule: str = "cosine"
-  schedule_shift: float = 1.0
-  prediction: str = "eps"
-  weighting: str = "none"
-  min_snr_gamma: float = 5.0
-  cond_drop_prob: float = 0.1
-  aug_schedule: str = "cosine"
-  aug_max: float = 1.0
-  sr_target: str = "image"
+  # Every field of config_defaults.DIFFUSION, with its declared default.
+  schedule: str = _diffusion_default("schedule")
+  schedule_shift: float = _diffusion_default("schedule_shift")
+  prediction: str = _diffusion_default("prediction")
+  weighting: str = _diffusion_default("weighting")
+  min_snr_gamma: float = _diffusion_default("min_snr_gamma")
+  cond_drop_prob: float = _diffusion_default("cond_drop_prob")
+  aug_schedule: str = _diffusion_default("aug_schedule")
+  aug_max: float = _diffusion_default("aug_max")
+  sr_target: str = _diffusion_default("sr_target")
 
   def __post_init__(self):
     check_sr_target(self.sr_target)
@@ -155,17 +161,14 @@ class Stage:
   def from_config(cls, config: ml_collections.ConfigDict) -> "Stage":
     """Builds the stage a full experiment config describes."""
     d = config.diffusion
+    # A workdir written before a field was declared lacks it: its default.
+    diffusion = {name: spec.kind(d.get(name, spec.default))
+                 for name, spec in config_defaults.DIFFUSION.items()}
     return cls(
         unet=build.build_unet(config.model),
         resolution=int(config.resolution),
         lowres_resolution=int(config.lowres_resolution),
-        train_crop=int(config.train_crop),
-        schedule=str(d.schedule), schedule_shift=float(d.schedule_shift),
-        prediction=str(d.prediction), weighting=str(d.weighting),
-        min_snr_gamma=float(d.min_snr_gamma),
-        cond_drop_prob=float(d.cond_drop_prob),
-        aug_schedule=str(d.aug_schedule), aug_max=float(d.aug_max),
-        sr_target=str(d.get("sr_target", "image")))
+        train_crop=int(config.train_crop), **diffusion)
 
   @property
   def is_sr(self) -> bool:

@@ -202,6 +202,24 @@ def test_model_fields_are_unet_fields():
     assert getattr(bare, name) == spec.default, name
 
 
+def test_diffusion_fields_are_stage_fields():
+  """Stage takes every declared diffusion field, with its declared default,
+  and builds them from a config without a hand copy."""
+  from imagen_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
+  fields = {f.name: f for f in dataclasses.fields(stage_lib.Stage)}
+  assert set(cd.DIFFUSION) <= set(fields)
+  assert set(fields) - set(cd.DIFFUSION) == {
+      "unet", "resolution", "lowres_resolution", "train_crop"}
+  for name, spec in cd.DIFFUSION.items():
+    assert fields[name].default == spec.default, name
+  config = helpers.tiny_train_config()
+  config.diffusion.min_snr_gamma = 2.5
+  config.diffusion.weighting = "min_snr"
+  stage = stage_lib.Stage.from_config(config)
+  for name in cd.DIFFUSION:
+    assert getattr(stage, name) == config.diffusion[name], name
+
+
 def test_sampling_defaults_agree():
   assert cd.StageSettings.from_config(cd.sample_defaults()) == cd.StageSettings()
   assert cd.StageSettings().guidance_scale == cd.base().sample.guidance_scale
