@@ -286,17 +286,6 @@ def _cached_local_copy_locked(path: str) -> str:
   return local
 
 
-def local_dir_copy(path: str, dest: str) -> str:
-  """Copies a directory tree (local or URL) under local ``dest``; returns it."""
-  local = os.path.join(dest, os.path.basename(path.rstrip("/")) or "dir")
-  if is_remote(path):
-    _fs(path).get(path.rstrip("/") + "/", local + "/", recursive=True)
-  else:
-    shutil.copytree(path, local, dirs_exist_ok=True)
-  return local
-
-
-
 def read_range(path: str, offset: int, nbytes: int) -> bytes:
   """``nbytes`` bytes of a file from ``offset`` (fewer at its end).
 
