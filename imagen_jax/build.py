@@ -85,7 +85,7 @@ def param_shapes(module: nn.Module, inputs: dict[str, Any]) -> Any:
 
 
 def check_model(config: ml_collections.ConfigDict) -> None:
-  """Traces a stage's U-Net init on its input shapes (no compilation, no memory).
+  """Traces a stage's U-Net init on its input shapes (no compile, no memory).
 
   Fields that each pass the schema can still not fit together: num_groups
   not dividing a level's width, a per-level tuple of the wrong length, a

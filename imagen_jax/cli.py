@@ -80,7 +80,8 @@ def check_stage_model(prog: str, config, where: str = "config") -> None:
   try:
     build.check_model(config)
   except (ValueError, TypeError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
     fail(prog, f"{where}.model does not build a U-Net: {first}")
 
 

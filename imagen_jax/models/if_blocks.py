@@ -131,7 +131,8 @@ class TextPool(nn.Module):
     tokens = jnp.concatenate([cls, x], axis=1)        # [B, 1 + L, D]
     heads, hd = self.num_heads, d // self.num_heads
     q = dense(d, self.dtype, "query", kernels=kn)(cls).reshape(b, 1, heads, hd)
-    k = dense(d, self.dtype, "key", kernels=kn)(tokens).reshape(b, -1, heads, hd)
+    k = dense(d, self.dtype, "key", kernels=kn)(tokens).reshape(
+        b, -1, heads, hd)
     v = dense(d, self.dtype, "value", kernels=kn)(tokens).reshape(
         b, -1, heads, hd)
     pooled = kernels_lib.get(kn).attention(q, k, v, None).reshape(b, d)
