@@ -39,11 +39,14 @@ def main(argv) -> int:
   config = cli.config_value(PROG, _CONFIG)
   if _WORKDIR.value is None:
     cli.fail(PROG, "--workdir is required.")
-  cli.check_stage_model(PROG, config)
   from imagen_jax import parallel  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
+  # After the distributed start: tracing the model starts JAX's backend.
+  cli.check_stage_model(PROG, config)
+  # Imported after the checks: it loads TensorFlow, whose start-up log lines
+  # would bury a one-line error.
+  from imagen_jax.train import loop  # pylint: disable=g-import-not-at-top
   return loop.run_as_cli(PROG, loop.train, config, _WORKDIR.value,
                          stop_at=_STOP_AT.value)
 
