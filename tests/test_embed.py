@@ -187,6 +187,21 @@ def _tree_bytes(path):
   return out
 
 
+def test_resumed_writer_discards_its_unfinished_temporary_files(tmp_path):
+  """A kill between a temporary write and its rename leaves the temporary
+  file: a shard's (".tmp") or a sides file's (".tmp<pid>"). The process's
+  next writer removes its own, never another process's."""
+  shards = tmp_path / "store" / "shards"
+  shards.mkdir(parents=True)
+  own = ["000-00003.tmp", "000-00003.sides.npy.tmp4242"]
+  other = ["001-00000.tmp", "001-00000.sides.npy.tmp77"]
+  kept = ["000-00000.array_record", "000-00000.sides.npy"]
+  for name in own + other + kept:
+    (shards / name).write_bytes(b"x")
+  store_lib.StoreWriter(str(tmp_path / "store"), process_index=0)
+  assert sorted(os.listdir(shards)) == sorted(other + kept)
+
+
 def test_kill_and_resume_is_byte_identical(tmp_path):
   files = _tfrecords(str(tmp_path), 400, per_file=100)
   args = _args(files)

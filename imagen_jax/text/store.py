@@ -93,9 +93,10 @@ class StoreWriter:
     self.path = path
     self.process_index = process_index
     fileio.makedirs(fileio.join(path, "shards"))
-    # A temporary file is a shard a killed writer did not finish: discard it.
+    # A temporary file is a shard (".tmp") or a sides file (".tmp<pid>",
+    # fileio.write_bytes) a killed writer did not finish: discard it.
     for tmp in fileio.glob(fileio.join(path, "shards",
-                                       f"{process_index:03d}-*.tmp")):
+                                       f"{process_index:03d}-*.tmp*")):
       fileio.remove(tmp)
 
   def completed_shards(self) -> int:
