@@ -195,6 +195,16 @@ def check_chain(stages: Sequence[LoadedStage], d_model: Optional[int] = None
                          "trained with.")
   ref = stages[0].text_encoder_spec
   for s in stages[1:]:
+    got = s.text_encoder_spec
+    if (ref.get("source") == got.get("source") == "hf"
+        and ref.get("checkpoint") != got.get("checkpoint")):
+      # Separately converted stages (IF-I and IF-II each ship a copy of the
+      # same T5) record two directories; one encoder serves a cascade.
+      raise CascadeError(
+          f"Stages {stages[0].path} and {s.path} record different T5 "
+          f"directories ({ref.get('checkpoint')} and {got.get('checkpoint')});"
+          f" a cascade encodes with one: convert {s.path} again with "
+          f"imagen-convert --text_encoder={ref.get('checkpoint')}.")
     try:
       encoder_lib.check_same_encoder(ref, s.text_encoder_spec, s.path)
     except ValueError as e:

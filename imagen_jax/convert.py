@@ -1,7 +1,8 @@
 """`imagen-convert`: a DeepFloyd IF stage directory -> an export we sample from.
 
   imagen-convert --src=IF-I-XL-v1.0 --out=exports/if_1 [--variant=fp16]
-  imagen-convert --src=IF-II-L-v1.0 --out=exports/if_2 [--variant=fp16]
+  imagen-convert --src=IF-II-L-v1.0 --out=exports/if_2 [--variant=fp16] \
+      --text_encoder=IF-I-XL-v1.0/text_encoder   # one T5 for the cascade
   imagen-sample --stages=exports/if_1,exports/if_2 --prompt="..."
   # deepfloyd_if's own layout (config.yml + pytorch_model.bin), no T5 in it:
   imagen-convert --src=IF-I-XL-orig --out=exports/if_1 \

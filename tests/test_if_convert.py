@@ -38,9 +38,9 @@ T5_KW = dict(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_layers=2,
              layer_norm_epsilon=1e-6)
 
 
-def _write_if_dir(path):
+def _write_if_dir(path, sr=False):
   torch.manual_seed(0)
-  cfg = dict(tiny_if_config(False), encoder_hid_dim=32)
+  cfg = dict(tiny_if_config(sr), encoder_hid_dim=32)
   unet = diffusers.UNet2DConditionModel(**cfg).eval()
   # What the model card's fp16 variant holds: the weights rounded to fp16.
   unet = unet.to(torch.float16)
@@ -52,7 +52,9 @@ def _write_if_dir(path):
   shutil.copy(vocab_lib.default_vocab_path(),
               os.path.join(path, "tokenizer", "spiece.model"))
   with open(os.path.join(path, "model_index.json"), "w") as f:
-    json.dump({"_class_name": "IFPipeline"}, f)   # as the model card's
+    # As the model cards have it.
+    json.dump({"_class_name": "IFSuperResolutionPipeline" if sr
+               else "IFPipeline"}, f)
   return unet.to(torch.float32)
 
 
@@ -119,6 +121,37 @@ def test_converted_stage_samples_through_cascade_sharded(converted):
   diff = np.abs(sharded.astype(int) - single.astype(int))
   assert diff.max() <= 3 and diff.mean() < 0.1, (diff.max(), diff.mean())
   assert sharded.std() > 0
+
+
+def test_stage_one_and_two_sample_as_one_cascade(converted, tmp_path, capsys):
+  """IF-I then IF-II, converted separately: with one T5 directory for both
+  (--text_encoder) they form a cascade; with each its own copy they are
+  refused with the fix in the message."""
+  src, out, _ = converted
+  src2 = str(tmp_path / "IF-II-tiny")
+  _write_if_dir(src2, sr=True)
+  alone = str(tmp_path / "export_2_alone")
+  assert convert.main(["--src", src2, "--out", alone, "--variant", "fp16",
+                       "--resolution", "32", "--lowres_resolution", "16"]) == 0
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  with pytest.raises(cascade_lib.CascadeError,
+                     match="--text_encoder=.*IF-I-tiny/text_encoder"):
+    cascade_lib.Cascade.load([out, alone], mesh=mesh)
+  shared = str(tmp_path / "export_2")
+  assert convert.main([
+      "--src", src2, "--out", shared, "--variant", "fp16", "--resolution",
+      "32", "--lowres_resolution", "16",
+      "--text_encoder", os.path.join(src, "text_encoder")]) == 0
+  capsys.readouterr()
+  casc = cascade_lib.Cascade.load([out, shared], mesh=mesh)
+  assert [s.stage.is_sr for s in casc.stages] == [False, True]
+  settings = [cascade_lib.StageSettings.from_config(s.config.sample)
+              for s in casc.stages]
+  settings = [type(s)(**dict(vars(s), timesteps="steps:999,500,0"))
+              for s in settings]
+  images = casc.sample(["a red circle"], settings=settings)
+  assert [im.shape for im in images] == [(1, 16, 16, 3), (1, 32, 32, 3)]
+  assert images[1].std() > 0
 
 
 def test_cascade_text_path_matches_if_pipeline(converted):
