@@ -19,11 +19,15 @@
 #           U-Net (bfloat16 and float32, batch 32, ~3 min) and the paper-scale
 #           base stage (bfloat16, batch PAPER_BATCH=2 per worker so that the
 #           three workers fit an H100 together, ~6 min with its compiles);
-#           KERNELS_PAPER=0 skips the paper rows, KERNELS_CPU=0 the others
+#           KERNELS_PAPER=0 skips the paper rows, KERNELS_CPU=0 the others;
+#           KERNELS_PAPER=0 KERNELS_CONFIG=tiny KERNELS_BATCH=4 is a smoke
+#           test of the part that runs anywhere in two minutes
 #   if      DeepFloyd IF-I-XL (4.3B, random weights) sampled by ours
 #           (bfloat16, kernels IF_KERNELS=cudnn,reference) and by diffusers'
 #           IFPipeline (float16), smart27, batch IF_BATCH=4, guidance 7: the
-#           images/s row of issue 24 (~8 min: two 4.3B inits and compiles)
+#           images/s row of issue 24 (~8 min: two 4.3B inits and compiles);
+#           IF_MODEL=tiny runs the same part anywhere in a minute (a smoke
+#           test of the part: its rows are no figure)
 #   tests   the model / numerics test files on the accelerator (> 4 min)
 #   wheels  run on the machine that has the network, not the accelerator:
 #           downloads into .whl/ the Python 3.12 x86-64 wheels that the lent
@@ -69,7 +73,10 @@ if [ "$PART" = wheels ]; then
   exit 0
 fi
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/site ]; then
+# The wheels are the lent image's Python 3.12 ones: elsewhere (a smoke run
+# of a part on this machine) the environment's own packages serve.
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/site ] \
+   && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -118,10 +125,11 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
     if [ "${KERNELS_CPU:-1}" != 0 ]; then
       for dtype in bfloat16 float32; do
-        timeout 200 "$PY" benchmarks/unet_speed.py --configs cpu --no-torch \
-          --dtype "$dtype" --batch 32 --kernels reference,xla_cpu,cudnn \
+        timeout 200 "$PY" benchmarks/unet_speed.py \
+          --configs "${KERNELS_CONFIG:-cpu}" --no-torch --dtype "$dtype" \
+          --batch "${KERNELS_BATCH:-32}" --kernels reference,xla_cpu,cudnn \
           --rounds 8 --steps 4 2>&1 \
-          | tee "$OUT_DIR/kernels_cpu_${dtype}_b32.txt" | tail -9
+          | tee "$OUT_DIR/kernels_${KERNELS_CONFIG:-cpu}_${dtype}_b${KERNELS_BATCH:-32}.txt" | tail -9
       done
     fi
     if [ "${KERNELS_PAPER:-1}" != 0 ]; then
@@ -137,7 +145,8 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
       --format=csv 2>/dev/null | tee "$OUT_DIR/gpu.txt"
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
     timeout "${IF_TIMEOUT:-560}" "$PY" benchmarks/sample_speed.py \
-      --if_model IF-I-XL --if_only --if_kernels "${IF_KERNELS:-cudnn,reference}" \
+      --if_model "${IF_MODEL:-IF-I-XL}" --if_only \
+      --if_kernels "${IF_KERNELS:-cudnn,reference}" \
       --batch "${IF_BATCH:-4}" 2>&1 | tee "$OUT_DIR/if_sample_speed.txt" \
       | grep -v "^WARNING" | tail -12
     ;;

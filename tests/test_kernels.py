@@ -21,13 +21,14 @@ def _rand(seed, shape, dtype=jnp.float32, scale=1.0, mean=0.0):
   return jnp.asarray(rs.standard_normal(shape) * scale + mean, dtype)
 
 
-def _close_trees(got, want, rtol, atol_rel):
+def _close_trees(got, want, rtol, atol_rel, floor=1e-6):
+  """Leaves within rtol, or atol_rel of the leaf's largest value (>= floor)."""
   for a, b in zip(jax.tree_util.tree_leaves(got),
                   jax.tree_util.tree_leaves(want)):
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)
-    np.testing.assert_allclose(a, b, rtol=rtol,
-                               atol=atol_rel * max(float(np.abs(b).max()), 1e-6))
+    np.testing.assert_allclose(
+        a, b, rtol=rtol, atol=atol_rel * max(float(np.abs(b).max()), floor))
 
 
 def _value_and_grads(fn, args, probe):
@@ -243,6 +244,34 @@ def test_attention_bfloat16(impl):
   assert kernels.get(impl).attention(q, k, v, mask).dtype == jnp.bfloat16
   assert all(g.dtype == jnp.bfloat16 for g in got[1])
   _close_trees(got, want, rtol=3e-2, atol_rel=3e-2)
+
+
+@pytest.mark.parametrize("impl", ["reference"] + IMPLS)
+@pytest.mark.parametrize("t,s", [(1, 17), (16, 1), (1, 1)])
+def test_attention_with_one_position_trains_in_bfloat16(impl, t, s):
+  """Attention pooling's one query, a one-token context: bf16 gradients.
+
+  jax.nn.dot_product_attention's bfloat16 backward does not compile on
+  XLA:CPU for these shapes; every implementation must, and agree with
+  dot_product_attention in float32.
+  """
+  q, k, v, probe = _qkv(t, s)
+  mask = jnp.arange(s)[None, :] < jnp.array([s, 1, 0])[:, None]
+
+  def dpa(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
+                                        implementation="xla")
+
+  fn = lambda q, k, v: kernels.get(impl).attention(q, k, v, mask)
+  want = _value_and_grads(dpa, (q, k, v), probe)
+  # With one key dq and dk are exactly zero: compare on the scale of dv.
+  floor = float(jnp.abs(want[1][2]).max())
+  _close_trees(_value_and_grads(fn, (q, k, v), probe), want, rtol=1e-4,
+               atol_rel=1e-5, floor=floor)
+  low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  got = _value_and_grads(fn, low, probe)
+  assert all(g.dtype == jnp.bfloat16 for g in got[1])
+  _close_trees(got, want, rtol=3e-2, atol_rel=3e-2, floor=floor)
 
 
 def test_attention_module_is_flax_multi_head_attention():

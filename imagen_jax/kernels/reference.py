@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = (None, "silu", "gelu")
+# What jax.nn.dot_product_attention puts at masked logits.
+_MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def activate(u: jax.Array, activation: Optional[str]) -> jax.Array:
@@ -121,7 +123,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Returns:
     ``[B, T, N, H]`` in the dtype of ``v``.
   """
-  return jax.nn.dot_product_attention(
-      q, k.astype(q.dtype), v.astype(q.dtype),
-      mask=None if mask is None else mask[:, None, None, :],
-      implementation="xla").astype(v.dtype)
+  k, v_in = k.astype(q.dtype), v.astype(q.dtype)
+  if min(q.shape[1], k.shape[1]) > 1:
+    return jax.nn.dot_product_attention(
+        q, k, v_in, mask=None if mask is None else mask[:, None, None, :],
+        implementation="xla").astype(v.dtype)
+  # A one-position sequence (attention pooling's single query, a one-token
+  # context): dot_product_attention's grouped layout then leaves size-1
+  # contracting dimensions whose bfloat16 backward XLA:CPU cannot compile
+  # ("Dot with multiple contracting dimensions"). The same computation,
+  # written out: float32 logits and softmax, masked logits at the same
+  # large negative value (a fully masked row stays uniform).
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k,
+                      preferred_element_type=jnp.float32)  # [B, N, T, S]
+  logits = logits * (q.shape[-1] ** -0.5)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits,
+                       _MASKED_LOGIT)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v_in).astype(v.dtype)
