@@ -19,20 +19,21 @@
 #           U-Net (bfloat16 and float32, batch 32, ~3 min) and the paper-scale
 #           base stage (bfloat16, batch PAPER_BATCH=2 per worker so that the
 #           three workers fit an H100 together, ~6 min with its compiles);
-#           KERNELS_PAPER=0 skips the paper rows, KERNELS_CPU=0 the others;
-#           KERNELS_PAPER=0 KERNELS_CONFIG=tiny KERNELS_BATCH=4 is a smoke
-#           test of the part that runs anywhere in two minutes
+#           KERNELS_PAPER=0 skips the paper rows, KERNELS_CPU=0 the others
 #   if      DeepFloyd IF-I-XL (4.3B, random weights) sampled by ours
 #           (bfloat16, kernels IF_KERNELS=cudnn,reference) and by diffusers'
 #           IFPipeline (float16), smart27, batch IF_BATCH=4, guidance 7: the
-#           images/s row of issue 24 (~8 min: two 4.3B inits and compiles);
-#           IF_MODEL=tiny runs the same part anywhere in a minute (a smoke
-#           test of the part: its rows are no figure)
+#           images/s row of issue 24 (~8 min: two 4.3B inits and compiles)
 #   tests   the model / numerics test files on the accelerator (> 4 min)
 #   wheels  run on the machine that has the network, not the accelerator:
 #           downloads into .whl/ the Python 3.12 x86-64 wheels that the lent
 #           GPU image lacks (ml_collections, imagen-pytorch, diffusers and
 #           their needs; numpy and torch are the image's own)
+#
+# SMOKE=1 runs the kernels and if parts on tiny stand-ins (the tiny U-Net,
+# one round, bfloat16; IF's tiny stage I), on any machine in about a minute
+# each: a check that the parts work (tests/test_accelerator_run.py), whose
+# figures mean nothing.
 #
 # The machine needs jax with its accelerator plugin, flax, optax, orbax, and
 # for imagen-pytorch torch + torchvision. Packages it lacks are carried as
@@ -73,6 +74,11 @@ if [ "$PART" = wheels ]; then
   exit 0
 fi
 PY=${PYTHON:-python3}
+if [ "${SMOKE:-0}" = 1 ]; then
+  : "${KERNELS_CONFIG:=tiny}" "${KERNELS_BATCH:=2}" "${KERNELS_ROUNDS:=1}"
+  : "${KERNELS_DTYPES:=bfloat16}" "${KERNELS_PAPER:=0}"
+  : "${IF_MODEL:=tiny}" "${IF_BATCH:=1}"
+fi
 # The wheels are the lent image's Python 3.12 ones: elsewhere (a smoke run
 # of a part on this machine) the environment's own packages serve.
 if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/site ] \
@@ -85,6 +91,9 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 # Compiled programs survive between parts on the same (warm) machine.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+# A failed step does not stop the part (the others still measure); the exit
+# status says whether any failed.
+status=0
 
 case "$PART" in
   speed)
@@ -98,14 +107,14 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
       for batch in 8 32; do
         timeout 150 "$PY" benchmarks/unet_speed.py --configs cpu \
           --dtype "$dtype" --batch "$batch" 2>&1 \
-          | tee "$OUT_DIR/unet_${dtype}_b${batch}.txt" | tail -6
+          | tee "$OUT_DIR/unet_${dtype}_b${batch}.txt" | tail -6 || status=1
       done
     done
     ;;
   train)
     timeout "${TRAIN_TIMEOUT:-560}" "$PY" benchmarks/train_speed.py \
       --skip-paper --dtype "${TRAIN_DTYPES:-bfloat16}" 2>&1 \
-      | tee "$OUT_DIR/train_cpu_scale.txt" | tail -20
+      | tee "$OUT_DIR/train_cpu_scale.txt" | tail -20 || status=1
     ;;
   paper)
     # One process per remat policy: a device's peak-memory counter never
@@ -115,7 +124,7 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
       timeout "${PAPER_TIMEOUT:-280}" "$PY" benchmarks/train_speed.py \
         --only-paper --skip-paper --paper-run --remat "$remat" \
         --paper-batch "${PAPER_BATCH:-32}" 2>&1 \
-        | tee "$OUT_DIR/paper_run_$remat.txt" | tail -5
+        | tee "$OUT_DIR/paper_run_$remat.txt" | tail -5 || status=1
     done
     ;;
   kernels)
@@ -124,12 +133,12 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
     # Several workers share the card: each takes what it needs, not 75%.
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
     if [ "${KERNELS_CPU:-1}" != 0 ]; then
-      for dtype in bfloat16 float32; do
+      for dtype in ${KERNELS_DTYPES:-bfloat16 float32}; do
         timeout 200 "$PY" benchmarks/unet_speed.py \
           --configs "${KERNELS_CONFIG:-cpu}" --no-torch --dtype "$dtype" \
           --batch "${KERNELS_BATCH:-32}" --kernels reference,xla_cpu,cudnn \
-          --rounds 8 --steps 4 2>&1 \
-          | tee "$OUT_DIR/kernels_${KERNELS_CONFIG:-cpu}_${dtype}_b${KERNELS_BATCH:-32}.txt" | tail -9
+          --rounds "${KERNELS_ROUNDS:-8}" --steps 4 2>&1 \
+          | tee "$OUT_DIR/kernels_${KERNELS_CONFIG:-cpu}_${dtype}_b${KERNELS_BATCH:-32}.txt" | tail -9 || status=1
       done
     fi
     if [ "${KERNELS_PAPER:-1}" != 0 ]; then
@@ -137,7 +146,7 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
         --configs paper --no-torch --dtype bfloat16 \
         --batch "${PAPER_BATCH:-2}" --kernels reference,cudnn,xla_cpu \
         --rounds 4 --steps 2 2>&1 \
-        | tee "$OUT_DIR/kernels_paper_bfloat16.txt" | tail -9
+        | tee "$OUT_DIR/kernels_paper_bfloat16.txt" | tail -9 || status=1
     fi
     ;;
   if)
@@ -148,7 +157,7 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
       --if_model "${IF_MODEL:-IF-I-XL}" --if_only \
       --if_kernels "${IF_KERNELS:-cudnn,reference}" \
       --batch "${IF_BATCH:-4}" 2>&1 | tee "$OUT_DIR/if_sample_speed.txt" \
-      | grep -v "^WARNING" | tail -12
+      | grep -v "^WARNING" | tail -12 || status=1
     ;;
   tests)
     # conftest pins CPU unless told otherwise: let the accelerator be default.
@@ -156,6 +165,7 @@ print(jax.devices())" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
       timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -x \
       -p no:cacheprovider tests/test_unet.py tests/test_kernels.py tests/test_compat.py \
       tests/test_optim.py tests/test_diffusion_math.py tests/test_samplers.py \
-      2>&1 | tee "$OUT_DIR/tests.txt" | tail -30
+      2>&1 | tee "$OUT_DIR/tests.txt" | tail -30 || status=1
     ;;
 esac
+exit $status

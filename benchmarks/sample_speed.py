@@ -250,8 +250,12 @@ def _run_worker(kind: str, batch: int, steps, extra=()) -> dict:
                                       "--steps", str(steps), *extra])
 
 
-def _if_rows(args) -> list:
-  """IF stage I rows: ours per kernel choice, diffusers after the first."""
+def _if_rows(args) -> tuple[list, int]:
+  """IF stage I rows: ours per kernel choice, diffusers after the first.
+
+  Returns:
+    The rows that completed, and how many jobs failed.
+  """
   from imagen_jax.diffusion import discrete
   n = len(discrete.respaced_steps(args.if_timesteps))
   extra = ("--if_model", args.if_model, "--if_timesteps", args.if_timesteps)
@@ -259,12 +263,13 @@ def _if_rows(args) -> list:
   jobs = [("if_jax", c) for c in choices[:1]]
   jobs += [] if args.no_diffusers else [("if_torch", "")]
   jobs += [("if_jax", c) for c in choices[1:]]
-  rows, first = [], None
+  rows, first, failed = [], None, 0
   for kind, kernels in jobs:
     try:
       res = _run_worker(kind, args.batch, 0, extra + ("--if_kernels", kernels))
     except RuntimeError as e:
       print(f"IF row {kind} {kernels} failed: {str(e)[-1500:]}", flush=True)
+      failed += 1
       continue
     first = first or res["secs"]
     if kind == "if_jax":
@@ -278,7 +283,7 @@ def _if_rows(args) -> list:
     row.append(f"{res['secs'] / first:.2f}")
     print("IF row: " + " | ".join(map(str, row)), flush=True)
     rows.append(row)
-  return rows
+  return rows, failed
 
 
 def main():
@@ -310,9 +315,9 @@ def main():
     print("RESULT " + json.dumps(result))
     return
   print(common.machine_line())
-  rows = []
+  rows, failed = [], 0
   if args.if_model:
-    rows += _if_rows(args)
+    rows, failed = _if_rows(args)
   for steps in ([] if args.if_only else
                 (int(s) for s in args.steps.split(","))):
     ours = _run_worker("jax", args.batch, steps)
@@ -337,6 +342,8 @@ def main():
   common.print_table(["pipeline", "steps/stage", "params base/SR", "s/batch",
                       "images/s", "compile s", "lowerings on 2nd call",
                       "peak RSS MiB", "speed-up"], rows)
+  if failed:
+    sys.exit(f"{failed} IF row(s) failed (above).")
 
 
 if __name__ == "__main__":
