@@ -138,7 +138,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       preferred_element_type=jnp.float32)  # [B, N, T, S]
   logits = logits * (q.shape[-1] ** -0.5)
   if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits,
-                       _MASKED_LOGIT)
+    logits = jnp.where(mask[:, None, None, :], logits, _MASKED_LOGIT)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   return jnp.einsum("bnts,bsnh->btnh", probs, v_in).astype(v.dtype)
