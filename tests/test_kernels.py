@@ -274,6 +274,34 @@ def test_attention_with_one_position_trains_in_bfloat16(impl, t, s):
   _close_trees(got, want, rtol=3e-2, atol_rel=3e-2, floor=floor)
 
 
+@pytest.mark.parametrize("t,s", [(5, 7), (1, 17), (16, 9), (4, 6)])
+def test_cudnn_even_length_padding_is_exact(t, s, monkeypatch):
+  """cudnn.py pads odd masked sequences; checked here with XLA's kernel.
+
+  Rows with a valid key, a fully masked row (uniform over the real values)
+  and every gradient must be the unpadded attention's.
+  """
+  from imagen_jax.kernels import cudnn
+  seen = []
+  dpa = jax.nn.dot_product_attention
+
+  def recording(q, k, *args, **kwargs):
+    seen.append((q.shape[1], k.shape[1]))
+    return dpa(q, k, *args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  q, k, v, probe = _qkv(t, s)
+  mask = jnp.arange(s)[None, :] < jnp.array([s, 1, 0])[:, None]
+  got = _value_and_grads(lambda q, k, v: cudnn.padded_attention(
+      q, k, v, mask, implementation="xla"), (q, k, v), probe)
+  assert seen and all(a % 2 == 0 and b % 2 == 0 for a, b in seen), seen
+  want = _value_and_grads(lambda q, k, v: REF.attention(q, k, v, mask),
+                          (q, k, v), probe)
+  assert got[1][0].shape == q.shape and got[1][1].shape == k.shape
+  floor = float(jnp.abs(want[1][2]).max())
+  _close_trees(got, want, rtol=1e-5, atol_rel=1e-6, floor=floor)
+
+
 def test_attention_module_is_flax_multi_head_attention():
   """Same parameter tree as nn.MultiHeadDotProductAttention, same function."""
   x, ctx = _rand(40, (2, 6, 32)), _rand(41, (2, 5, 24))
