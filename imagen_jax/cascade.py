@@ -51,8 +51,9 @@ def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
   Args:
     stage_configs: the stages' configs, base first.
     overrides: setting name -> value; a value is one setting for every stage
-      or a comma-separated string with one per stage ("50,25"); "" or None
-      leaves the stages' own. Strings are parsed as the setting's type.
+      or a string with one per stage ("50,25", "smart27;smart50": see
+      ``config_defaults.stage_values``); "" or None leaves the stages' own.
+      Strings are parsed as the setting's type.
 
   Returns:
     One ``StageSettings`` per stage, each checked against its fields' ranges.
@@ -67,11 +68,13 @@ def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
                            f"{', '.join(fields)}.")
       if value is None or value == "":
         continue
-      parts = str(value).split(",") if isinstance(value, str) else [value]
+      parts = (config_defaults.stage_values(name, value)
+               if isinstance(value, str) else [value])
       if len(parts) not in (1, len(stage_configs)):
-        raise CascadeError(f"{name}={value!r} gives {len(parts)} values for "
-                           f"{len(stage_configs)} stages; give one, or one per "
-                           "stage.")
+        raise CascadeError(
+            f"{name}={value!r} gives {len(parts)} values for "
+            f"{len(stage_configs)} stages; give one, or one per stage "
+            f"separated by '{config_defaults.STAGE_SEPARATOR}'.")
       v = parts[0] if len(parts) == 1 else parts[i]
       if isinstance(v, str) and not v.strip():
         continue
@@ -85,6 +88,10 @@ def resolve_settings(stage_configs: Sequence[ml_collections.ConfigDict],
       settings.check()
     except ValueError as e:
       raise CascadeError(str(e)) from None
+    problem = config_defaults.timesteps_problem(settings.timesteps,
+                                                cfg.diffusion.schedule)
+    if problem:
+      raise CascadeError(f"stage {i}: {problem}")
     out.append(settings)
   return out
 

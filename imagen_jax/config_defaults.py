@@ -39,6 +39,12 @@ class Field:
     max: inclusive upper bound.
     above: exclusive lower bound.
     length: exact length of a tuple field.
+    syntax: for a string with a grammar of its own: a function returning
+      None for a value it accepts, else what is wrong (one sentence). Empty
+      strings are not passed to it.
+    holds_commas: a value may contain commas, so on the command line commas
+      separate stages only where the whole text is not one valid value
+      (``stage_values``).
   """
   default: Any
   doc: str = ""
@@ -47,6 +53,8 @@ class Field:
   max: Optional[float] = None
   above: Optional[float] = None
   length: Optional[int] = None
+  syntax: Optional[Callable[[str], Optional[str]]] = None
+  holds_commas: bool = False
 
   @property
   def kind(self) -> type:
@@ -107,14 +115,19 @@ class Field:
             (self.max is not None and v > self.max) or
             (self.above is not None and v <= self.above) or v != v):  # NaN
           return "out of range"
+    if self.syntax is not None and value:
+      return self.syntax(value)
     return None
 
   def check(self, path: str, value: Any) -> None:
     """Raises ``ConfigError`` (one line) unless ``value`` is acceptable."""
-    if self.problem(value) is not None:
-      raise ConfigError(self._error(path, value))
+    problem = self.problem(value)
+    if problem is not None:
+      raise ConfigError(self._error(path, value, problem))
 
-  def _error(self, path: str, value: Any) -> str:
+  def _error(self, path: str, value: Any, problem: str = "") -> str:
+    if self.syntax is not None and problem and _is_instance(value, self.kind):
+      return f"config.{path}={value!r} is invalid: {problem}"
     verb = "choose" if self.choices is not None else "use"
     return f"config.{path}={value!r} is invalid; {verb} {self.accepts()}."
 
@@ -362,6 +375,51 @@ EMA = dict(
 )
 
 
+def setting(default: Any, doc: str, **kwargs) -> Any:
+  """A ``StageSettings`` field: its default and ``Field`` given once.
+
+  Args:
+    default: the setting's default (its type is the setting's type).
+    doc: what it means (one line).
+    **kwargs: the rest of its ``Field`` (range, choices, syntax).
+
+  Returns:
+    A ``dataclasses.field`` whose metadata holds the ``Field``.
+  """
+  return dataclasses.field(default=default, metadata={
+      "field": Field(default, doc, **kwargs)})
+
+
+def _respacing_problem(spec: str) -> Optional[str]:
+  from imagen_jax.diffusion import discrete  # pylint: disable=g-import-not-at-top
+  try:
+    discrete.respaced_steps(spec)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+# The one schedule that sample.timesteps respaces.
+RESPACED_SCHEDULE = "discrete_cosine"
+
+
+def timesteps_problem(timesteps: str, schedule: str) -> Optional[str]:
+  """None if a stage of ``schedule`` can sample with ``timesteps``, else why.
+
+  Args:
+    timesteps: the stage's ``sample.timesteps`` ("" for none).
+    schedule: its ``diffusion.schedule``.
+
+  Returns:
+    None, or one sentence naming both values and the fix.
+  """
+  if timesteps and schedule != RESPACED_SCHEDULE:
+    return (f"sample.timesteps={timesteps!r} respaces the "
+            f"{RESPACED_SCHEDULE} schedule, but diffusion.schedule is "
+            f"{schedule!r}; leave sample.timesteps empty (use num_steps).")
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
   """How one stage samples: a config's ``sample`` section, imagen-sample's
@@ -370,27 +428,26 @@ class StageSettings:
   Each field's metadata holds its ``Field`` (doc, range, choices); add a
   setting by adding a line below.
   """
-  sampler: str = dataclasses.field(default="ddim", metadata={"field": Field(
-      "ddim", "sampling loop", choices=_samplers)})
-  num_steps: int = dataclasses.field(default=50, metadata={"field": Field(
-      50, "sampling steps (network calls per image)", min=1)})
-  guidance_scale: float = dataclasses.field(default=5.0, metadata={"field": Field(
-      5.0, "classifier-free guidance weight (1: none)", min=0.0)})
-  threshold: str = dataclasses.field(default="dynamic", metadata={"field": Field(
-      "dynamic", "x0 thresholding", choices=_thresholds)})
-  percentile: float = dataclasses.field(default=99.5, metadata={"field": Field(
+  sampler: str = setting("ddim", "sampling loop", choices=_samplers)
+  num_steps: int = setting(50, "sampling steps (network calls per image)",
+                           min=1)
+  guidance_scale: float = setting(
+      5.0, "classifier-free guidance weight (1: none)", min=0.0)
+  threshold: str = setting("dynamic", "x0 thresholding", choices=_thresholds)
+  percentile: float = setting(
       99.5, "dynamic-threshold percentile (the paper's 99.5)", above=50.0,
-      max=100.0)})
-  aug_level: float = dataclasses.field(default=0.2, metadata={"field": Field(
+      max=100.0)
+  aug_level: float = setting(
       0.2, "SR: noise-augmentation level of the low-res input", min=0.0,
-      max=1.0)})
-  eta: float = dataclasses.field(default=0.0, metadata={"field": Field(
-      0.0, "DDIM stochasticity (0: deterministic)", min=0.0, max=1.0)})
-  timesteps: str = dataclasses.field(default="", metadata={"field": Field(
+      max=1.0)
+  eta: float = setting(0.0, "DDIM stochasticity (0: deterministic)", min=0.0,
+                       max=1.0)
+  timesteps: str = setting(
       "", "discrete schedules: respacing, e.g. smart27, fast27, "
-      "'10,10,3,2,2' or 'steps:999,500,0' (sets the steps)")})
-  threshold_max: float = dataclasses.field(default=0.0, metadata={"field": Field(
-      0.0, "cap of the dynamic threshold's scale (IF's c; 0: none)", min=0.0)})
+      "'10,10,3,2,2' or 'steps:999,500,0' (sets the steps)",
+      syntax=_respacing_problem, holds_commas=True)
+  threshold_max: float = setting(
+      0.0, "cap of the dynamic threshold's scale (IF's c; 0: none)", min=0.0)
 
   @classmethod
   def fields(cls) -> dict[str, Field]:
@@ -408,12 +465,37 @@ class StageSettings:
     """Raises ``ConfigError`` (one line) for a value out of type or range."""
     for name, spec in self.fields().items():
       spec.check(f"sample.{name}", getattr(self, name))
-    if self.timesteps:
-      from imagen_jax.diffusion import discrete  # pylint: disable=g-import-not-at-top
-      try:
-        discrete.respaced_steps(self.timesteps)
-      except ValueError as e:
-        raise ConfigError(f"sample.timesteps: {e}") from None
+
+
+# Separates stages in a command-line setting; a comma does too, for settings
+# whose values hold no commas ("50,25") and where a value's text is not one
+# valid value of its own ("smart27,smart50").
+STAGE_SEPARATOR = ";"
+
+
+def stage_values(name: str, text: str) -> list[str]:
+  """A sampling setting's command-line text split into its stage values.
+
+  Args:
+    name: the setting (a ``StageSettings`` field).
+    text: e.g. "50" (every stage), "50,25" or "50;25" (one per stage);
+      an empty part leaves that stage's own value.
+
+  Returns:
+    One string, for every stage, or one per stage (unparsed).
+  """
+  if STAGE_SEPARATOR in text:
+    return text.split(STAGE_SEPARATOR)
+  if "," not in text:
+    return [text]
+  spec = StageSettings.fields()[name]
+  if spec.holds_commas:
+    try:
+      spec.parse(name, text)
+      return [text]
+    except ConfigError:
+      pass
+  return text.split(",")
 
 
 def _typed(spec: Field, value: Any) -> Any:
@@ -506,6 +588,9 @@ def validate(config: Union[ml_collections.ConfigDict, dict],
              schema: Optional[dict] = None, prefix: str = "") -> None:
   """Checks every field's type, range and choices, and that no key is unknown.
 
+  A stage's config (a section with ``sample`` and ``diffusion``) is also
+  checked as a whole: ``sample.timesteps`` needs the schedule it respaces.
+
   Args:
     config: a loaded config (or a section of one, with ``prefix``); a
       ConfigDict or the nested dicts of one (e.g. read from JSON).
@@ -536,6 +621,11 @@ def validate(config: Union[ml_collections.ConfigDict, dict],
       validate(value, spec, path + ".")
     else:
       spec.check(path, value)
+  if "sample" in schema and "diffusion" in schema:  # a stage's config
+    problem = timesteps_problem(config["sample"]["timesteps"],
+                                config["diffusion"]["schedule"])
+    if problem:
+      raise ConfigError(f"config.{prefix}{problem}")
 
 
 def model_defaults() -> ml_collections.ConfigDict:

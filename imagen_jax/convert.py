@@ -40,6 +40,7 @@ time, like a local file's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -69,6 +70,35 @@ SAMPLE_DEFAULTS = {
 IF_MAX_LENGTH = 77   # IF's T5 token count
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+  """Turns a malformed or incomplete config file into one line naming it."""
+  try:
+    yield
+  except convert_if.ConvertError:
+    raise
+  except KeyError as e:
+    raise convert_if.ConvertError(
+        f"{path} lacks {e.args[0]!r}; it is not a complete IF or T5 "
+        "config (download it again).") from None
+  except json.JSONDecodeError as e:
+    raise convert_if.ConvertError(
+        f"{path} is not valid JSON ({e.msg}, line {e.lineno}); download it "
+        "again.") from None
+  except (TypeError, ValueError, AttributeError) as e:
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise convert_if.ConvertError(f"{path}: {why.rstrip('.')}.") from None
+
+
+def _read_json_dict(path: str) -> dict:
+  """A JSON file holding an object (one line naming the file otherwise)."""
+  with _reading(path):
+    value = fileio.read_json(path)
+    if not isinstance(value, dict):
+      raise ValueError(f"holds a JSON {type(value).__name__}, not an object")
+  return value
+
+
 def weight_files(unet_dir: str, variant: str = "") -> list[str]:
   """The safetensors files of a diffusers U-Net directory, checked.
 
@@ -92,7 +122,10 @@ def weight_files(unet_dir: str, variant: str = "") -> list[str]:
   if fileio.isfile(single):
     return [single]
   if fileio.isfile(index):
-    shards = sorted(set(fileio.read_json(index)["weight_map"].values()))
+    with _reading(index):
+      shards = sorted(set(_read_json_dict(index)["weight_map"].values()))
+      if not all(isinstance(shard, str) for shard in shards):
+        raise ValueError("its weight_map values are not file names")
     for shard in shards:
       if not fileio.isfile(fileio.join(unet_dir, shard)):
         raise convert_if.ConvertError(
@@ -179,7 +212,8 @@ def text_encoder_spec(text_encoder: str, vocab: str,
       raise convert_if.ConvertError(
           f"{path} is missing: an IF directory has text_encoder/ (Hugging "
           "Face T5) and tokenizer/spiece.model.")
-  config = t5_checkpoints.hf_config_to_t5(fileio.read_json(cfg_file), dtype)
+  with _reading(cfg_file):
+    config = t5_checkpoints.hf_config_to_t5(_read_json_dict(cfg_file), dtype)
   return dict(t5=encoder_lib._size_name(config),  # pylint: disable=protected-access
               source="hf", checkpoint=fileio.abspath(te), seed=0,
               vocab=fileio.abspath(vocab), max_length=IF_MAX_LENGTH,
@@ -203,13 +237,14 @@ def read_unet(src: str, variant: str = "") -> tuple[dict, dict]:
     raise convert_if.ConvertError(
         f"{src} is not an IF checkpoint directory: no unet/config.json "
         "(diffusers' layout) nor config.yml (deepfloyd_if's).")
-  raw = fileio.read_json(unet_cfg)
+  raw = _read_json_dict(unet_cfg)
   _refuse_latent_stage(src, raw)
   if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
     raise convert_if.ConvertError(
         f"{unet_cfg} describes a {raw['_class_name']}, not IF's "
         "UNet2DConditionModel (IF's stage III is out of scope).")
-  return raw, convert_if.unet_config_to_model(raw)
+  with _reading(unet_cfg):
+    return raw, convert_if.unet_config_to_model(raw)
 
 
 # The pipelines whose U-Net is an IF pixel stage (model_index.json's class).
@@ -225,7 +260,7 @@ def _refuse_latent_stage(src: str, raw: dict) -> None:
   index = fileio.join(src, "model_index.json")
   pipeline = ""
   if fileio.isfile(index):
-    pipeline = str(fileio.read_json(index).get("_class_name", ""))
+    pipeline = str(_read_json_dict(index).get("_class_name", ""))
   why = ""
   if pipeline and pipeline not in IF_PIPELINES:
     why = f"model_index.json names a {pipeline}"
@@ -553,12 +588,13 @@ def _read_deepfloyd(src: str, variant: str):
         "arguments).")
   refs = _refs(weights)
   stage_ii = "aug_proj.0.weight" in refs
-  cfg = convert_if.deepfloyd_config_to_diffusers(raw["params"], stage_ii)
-  try:
-    fields = convert_if.unet_config_to_model(cfg)
-  except convert_if.ConvertError as e:
-    raise convert_if.ConvertError(
-        f"{cfg_file} (as diffusers' unet/config.json): {e}") from None
+  with _reading(cfg_file):
+    cfg = convert_if.deepfloyd_config_to_diffusers(raw["params"], stage_ii)
+    try:
+      fields = convert_if.unet_config_to_model(cfg)
+    except convert_if.ConvertError as e:
+      raise convert_if.ConvertError(
+          f"{cfg_file} (as diffusers' unet/config.json): {e}") from None
   prefixes = convert_if.deepfloyd_prefixes(cfg)
   head_dim = cfg["attention_head_dim"]
   name = os.path.basename(weights)

@@ -486,7 +486,11 @@ def deepfloyd_config_to_diffusers(params: dict[str, Any],
   if not disable:
     no_self = set()
   elif disable is True:
-    no_self = set(attn)
+    # deepfloyd_if keeps the raw attention_resolutions argument here: a list
+    # of rates disables those levels' self-attention, but a string's
+    # characters never equal a rate, so every level keeps its self-attention.
+    raw = params["attention_resolutions"]
+    no_self = set() if isinstance(raw, str) else set(attn)
   else:
     no_self = _df_downsample_rates(disable, size, "disable_self_attentions")
   has_attn = [2 ** level in attn for level in range(levels)]

@@ -13,7 +13,8 @@ Writes the grid (prompts as captions) to ``--out``, one PNG per sample next
 to it (``<out stem>_000.png`` ...), and ``<out stem>.json`` with every setting
 used. Sampling settings default to each stage's training config (its
 ``sample`` section); ``--config.FIELD=V`` sets one value for every stage and
-``--config.FIELD=V1,V2`` one per stage. Fields: every ``StageSettings`` field
+``--config.FIELD=V1,V2`` (or ``V1;V2``, for values with commas such as
+``timesteps``) one per stage. Fields: every ``StageSettings`` field
 (``imagen_jax/config_defaults.py``; listed by ``--help``), mesh_shape
 (data,fsdp,tensor), use_ema, and kernels (``model.kernels`` for every
 stage, e.g. ``cudnn`` on NVIDIA GPUs; default: each stage's own).
@@ -33,7 +34,16 @@ from typing import Optional, Sequence
 from imagen_jax import host_malloc
 
 PROG = "imagen-sample"
-OTHER_FIELDS = {"mesh_shape": "-1,1,1", "use_ema": "true", "kernels": ""}
+# Flags that are not sampling settings; "" for kernels keeps each stage's own.
+OTHER_FIELDS = ("mesh_shape", "use_ema", "kernels")
+
+
+def other_field(name: str):
+  """The ``Field`` of a flag in ``OTHER_FIELDS`` (its default and range)."""
+  from imagen_jax import config_defaults as cd  # pylint: disable=g-import-not-at-top
+  return {"mesh_shape": cd.MESH["shape"],
+          "use_ema": cd.Field(True, "sample with the EMA parameters"),
+          "kernels": cd.MODEL["kernels"]}[name]
 
 
 def setting_fields() -> tuple[str, ...]:
@@ -69,16 +79,15 @@ def parse_overrides(args: Sequence[str]) -> dict:
       # Checked now, before any stage is loaded; one value or one per stage.
       from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
       spec = config_defaults.StageSettings.fields()[key]
-      for part in value.split(","):
+      for part in config_defaults.stage_values(key, value):
         if part.strip():
           try:
             spec.parse(key, part)
           except ValueError as e:
             _fail(str(e))
-    if key == "kernels":
-      from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
+    if key in OTHER_FIELDS and value.strip():
       try:
-        config_defaults.MODEL["kernels"].parse("kernels", value)
+        other_field(key).parse(key, value)
       except ValueError as e:
         _fail(str(e))
     out[key] = value
@@ -106,7 +115,8 @@ def _parse_args(argv):
   p = argparse.ArgumentParser(
       prog=PROG, description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="sampling settings (one value, or one per stage: V1,V2):\n"
+      epilog="sampling settings (one value, or one per stage: V1,V2 or "
+      "V1;V2):\n"
       + setting_help())
   p.add_argument("--stages", required=True,
                  help="Stage dirs (workdirs or exports), base first, comma-separated.")
@@ -157,13 +167,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from imagen_jax import fileio  # pylint: disable=g-import-not-at-top
   from imagen_jax import images as images_lib  # pylint: disable=g-import-not-at-top
 
-  try:
-    mesh_shape = tuple(int(x) for x in
-                       overrides.get("mesh_shape", OTHER_FIELDS["mesh_shape"]).split(","))
-  except ValueError:
-    _fail(f"--config.mesh_shape={overrides['mesh_shape']!r} is not three "
-          "comma-separated integers (data,fsdp,tensor).")
-  use_ema = overrides.get("use_ema", "true").lower() in ("1", "true", "yes")
+  # Checked by parse_overrides; "" or absent: the default.
+  mesh_shape, use_ema = (
+      other_field(k).parse(k, overrides[k]) if overrides.get(k, "").strip()
+      else other_field(k).default for k in ("mesh_shape", "use_ema"))
   t0 = time.perf_counter()
   try:
     cas = cascade_lib.Cascade.load(stage_dirs, t5=args.t5, use_ema=use_ema,

@@ -346,10 +346,10 @@ class Stage:
         init_x = init_x - offset
     levels, num_steps = None, settings.num_steps
     if settings.timesteps:
-      if self.schedule != "discrete_cosine":
-        raise ValueError(f"Sampling timesteps {settings.timesteps!r} respace a "
-                         "discrete schedule; this stage's schedule is "
-                         f"{self.schedule!r}. Leave sample.timesteps empty.")
+      problem = config_defaults.timesteps_problem(settings.timesteps,
+                                                  self.schedule)
+      if problem:
+        raise ValueError(problem)
       levels = discrete.respaced_logsnrs(settings.timesteps)
       num_steps = len(levels)
     out = diffusion.sample(

@@ -69,7 +69,9 @@ def _out_of_range(spec):
   """A value of the right type the field refuses, or None if it takes any."""
   allowed = spec.allowed()
   kind = spec.item_kind if spec.kind is tuple else spec.kind
-  if allowed is not None:
+  if spec.syntax is not None:
+    bad = "not-a-valid-value"
+  elif allowed is not None:
     bad = "not-a-choice" if kind is str else max(allowed) + 1
   elif spec.min is not None:
     bad = kind(spec.min - 1)
@@ -149,7 +151,9 @@ def test_every_config_is_valid_and_every_field_is_checked():
         old = _set(tree, path, bad)
         with pytest.raises(cd.ConfigError, match=rf"config\.{dotted}=") as e:
           cd.validate(tree, schema)
-        assert spec.accepts() in str(e.value), (name, str(e.value))
+        what = (spec.syntax(bad) if spec.syntax and isinstance(bad, str)
+                else spec.accepts())
+        assert what in str(e.value), (name, str(e.value))
         _set(tree, path, old)
         checked += 1
     cd.validate(tree, schema)  # everything restored
@@ -255,11 +259,10 @@ def test_a_field_added_in_one_place_is_seen_everywhere(monkeypatch):
                         stdin=subprocess.DEVNULL)
   assert "seen by the UNet" in proc.stdout, proc.stderr[-2000:]
 
-  knob = cd.Field(0.5, "a test setting", min=0.0, max=1.0)
   extended = dataclasses.make_dataclass(
       "StageSettings",
-      [("new_knob", float, dataclasses.field(default=0.5,
-                                             metadata={"field": knob}))],
+      [("new_knob", float, cd.setting(0.5, "a test setting", min=0.0,
+                                      max=1.0))],
       bases=(cd.StageSettings,), frozen=True)
   monkeypatch.setattr(cd, "StageSettings", extended)
   config = cd.base()
@@ -291,3 +294,78 @@ def test_field_parse_and_words():
   assert cd.Field(0.5, min=0.0).parse("x", "1") == 1.0
   with pytest.raises(cd.ConfigError, match="a number >= 0"):
     cd.Field(0.5, min=0.0).parse("x", "nan")
+
+
+def test_timesteps_are_checked_when_a_config_loads():
+  """A respacing is checked at load (its grammar, and the schedule it needs),
+  in a training config and in each stage of the demo's."""
+  config = helpers.load_config("tiny", "")
+  config.diffusion.schedule = "discrete_cosine"
+  config.sample.timesteps = "smart27"
+  cd.validate(config)
+  config.sample.timesteps = "smart9"
+  with pytest.raises(cd.ConfigError, match=r"^config\.sample\.timesteps="
+                     r"'smart9' is invalid: Unknown respacing 'smart9'"):
+    cd.validate(config)
+  config.sample.timesteps = "steps:999,500,0"
+  cd.validate(config)
+  config.diffusion.schedule = "cosine"
+  with pytest.raises(cd.ConfigError, match=r"^config\.sample\.timesteps="
+                     r"'steps:999,500,0' respaces the discrete_cosine "
+                     r"schedule, but diffusion\.schedule is 'cosine'"):
+    cd.validate(config)
+  demo = helpers.load_config("demo", "")
+  demo.sr.sample.timesteps = "fast27"
+  with pytest.raises(cd.ConfigError, match=r"^config\.sr\.sample\.timesteps"):
+    cd.validate(demo)
+
+
+def test_new_user_timesteps_mistake_is_one_line_exit_2(tmp_path):
+  proc = helpers.run_cli("imagen_jax.train.main", "--config=configs/tiny.py",
+                         f"--workdir={tmp_path}/run",
+                         "--config.sample.timesteps=smart27", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and "respaces the discrete_cosine" in lines[0], lines
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name,text,stages,want", [
+    ("num_steps", "50", 2, ["50"]),
+    ("num_steps", "50,25", 2, ["50", "25"]),
+    ("num_steps", "50;25", 2, ["50", "25"]),
+    ("num_steps", ",25", 2, ["", "25"]),
+    ("timesteps", "smart27,smart50", 2, ["smart27", "smart50"]),
+    ("timesteps", "steps:999,500,0", 2, ["steps:999,500,0"]),
+    ("timesteps", "steps:999,500,0", 3, ["steps:999,500,0"]),
+    ("timesteps", "10,10,3,2,2", 5, ["10,10,3,2,2"]),
+    ("timesteps", "10,10,3,2,2;smart50", 2, ["10,10,3,2,2", "smart50"]),
+    ("timesteps", "steps:999,500,0;", 2, ["steps:999,500,0", ""]),
+])
+def test_stage_values_keep_values_with_commas_whole(name, text, stages, want):
+  """Commas separate stages except inside one valid value (a respacing's
+  sections or step list); ';' always separates them."""
+  assert cd.stage_values(name, text) == want
+  configs = []
+  for _ in range(stages):
+    config = cd.base()
+    config.diffusion.schedule = "discrete_cosine"
+    configs.append(config)
+  got = cascade_lib.resolve_settings(configs, {name: text})
+  default = getattr(cd.StageSettings(), name)
+  expect = [want[0] if len(want) == 1 else want[i] for i in range(stages)]
+  assert [getattr(s, name) for s in got] == [
+      cd.StageSettings.fields()[name].parse(name, w) if w else default
+      for w in expect]
+  assert sample_cli.parse_overrides([f"--config.{name}={text}"]) == {
+      name: text}
+
+
+def test_sample_flags_outside_the_settings_are_checked():
+  for flag, value in (("use_ema", "maybe"), ("mesh_shape", "1,2"),
+                      ("kernels", "tpu")):
+    with pytest.raises(SystemExit) as e:
+      sample_cli.parse_overrides([f"--config.{flag}={value}"])
+    assert e.value.code == 2
+  assert sample_cli.parse_overrides(["--config.use_ema=false"]) == {
+      "use_ema": "false"}

@@ -99,6 +99,32 @@ def test_fp16_shards_convert_and_match_diffusers_on_fsdp_mesh(converted):
   assert spec["max_length"] == 77
 
 
+def test_default_float32_single_file_converts_to_the_same_params(
+    converted, tmp_path):
+  """diffusers' default weights (one float32 file, no variant) convert to
+  the parameters the fp16 shards give (the model holds fp16-rounded values)."""
+  src, out, model = converted
+  single = str(tmp_path / "IF-I-tiny-fp32")
+  shutil.copytree(src, single, ignore=shutil.ignore_patterns("unet"))
+  model.save_pretrained(os.path.join(single, "unet"), safe_serialization=True)
+  assert "diffusion_pytorch_model.safetensors" in os.listdir(
+      os.path.join(single, "unet"))
+  out32 = str(tmp_path / "export32")
+  assert convert.main(["--src", single, "--out", out32]) == 0
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  want = cascade_lib.load_stage(out, mesh).params
+  got = cascade_lib.load_stage(out32, mesh).params
+  assert (jax.tree_util.tree_structure(got)
+          == jax.tree_util.tree_structure(want))
+  for a, b in zip(jax.tree_util.tree_leaves(got),
+                  jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  record = json.load(open(os.path.join(out32, "stage.json")))
+  assert record["converted_from"]["variant"] == "default"
+  assert record["converted_from"]["files"] == [
+      "diffusion_pytorch_model.safetensors"]
+
+
 def test_converted_stage_samples_through_cascade_sharded(converted):
   _, out, _ = converted
   casc = cascade_lib.Cascade.load([out], mesh_shape=(1, 8, 1))
@@ -293,6 +319,39 @@ def test_bad_inputs_are_one_line_exit_2(converted, tmp_path, capsys):
   json.dump(cfg, open(cfg_path, "w"))
   assert "'brand_new_option'" in _fails(capsys, "--src", broken, "--out", out,
                                         "--variant", "fp16")
+  # Config files that are not what they should be: each named, one line.
+  bad = str(tmp_path / "bad")
+  shutil.copytree(src, bad)
+  cfg_path = os.path.join(bad, "unet", "config.json")
+  good_cfg = open(cfg_path).read()
+  open(cfg_path, "w").write(good_cfg[:-20])
+  err = _fails(capsys, "--src", bad, "--out", out, "--variant", "fp16")
+  assert err.startswith(f"imagen-convert: {cfg_path} is not valid JSON"), err
+  open(cfg_path, "w").write("[1, 2]")
+  assert "not an object" in _fails(capsys, "--src", bad, "--out", out,
+                                   "--variant", "fp16")
+  json.dump(dict(json.loads(good_cfg), norm_num_groups="many"),
+            open(cfg_path, "w"))
+  err = _fails(capsys, "--src", bad, "--out", out, "--variant", "fp16")
+  assert f"{cfg_path}: invalid literal" in err and "'many'" in err, err
+  open(cfg_path, "w").write(good_cfg)
+  index = os.path.join(bad, "unet",
+                       "diffusion_pytorch_model.safetensors.index.fp16.json")
+  json.dump({"metadata": {}}, open(index, "w"))
+  err = _fails(capsys, "--src", bad, "--out", out, "--variant", "fp16")
+  assert index in err and "'weight_map'" in err, err
+  shutil.rmtree(os.path.join(bad, "unet"))
+  shutil.copytree(os.path.join(src, "unet"), os.path.join(bad, "unet"))
+  t5_cfg = os.path.join(bad, "text_encoder", "config.json")
+  t5 = json.load(open(t5_cfg))
+  json.dump(dict(t5, model_type="bert"), open(t5_cfg, "w"))
+  err = _fails(capsys, "--src", bad, "--out", out, "--variant", "fp16")
+  assert t5_cfg in err and "'bert'" in err, err
+  del t5["d_model"]
+  json.dump(t5, open(t5_cfg, "w"))
+  err = _fails(capsys, "--src", bad, "--out", out, "--variant", "fp16")
+  assert t5_cfg in err and "'d_model'" in err, err
+  assert not os.path.exists(out)
   # IF's stage III (the Stable Diffusion x4 upscaler) is a latent model:
   # refused by its pipeline class, its vae/, or its U-Net's 7 -> 4 channels.
   for how in ("index", "vae", "channels"):

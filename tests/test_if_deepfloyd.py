@@ -249,6 +249,26 @@ def test_deepfloyd_part_follows_its_attention_head_order():
                                          "qkv") == (width, width)
 
 
+@pytest.mark.parametrize("resolutions,disable,cross_only", [
+    ("8", "8", [False, True]),
+    ([2], [2], [False, True]),
+    ([2], True, [False, True]),
+    # deepfloyd_if compares the levels' rates with the raw argument: a
+    # string's characters, so nothing is disabled.
+    ("8", True, [False, False]),
+    ("8", False, [False, False]),
+])
+def test_deepfloyd_disabled_self_attention_levels(resolutions, disable,
+                                                  cross_only):
+  params = dict(deepfloyd_params(False), attention_resolutions=resolutions,
+                disable_self_attentions=disable)
+  cfg = convert_if.deepfloyd_config_to_diffusers(params, stage_ii=False)
+  assert cfg["down_block_types"] == ["ResnetDownsampleBlock2D",
+                                     "SimpleCrossAttnDownBlock2D"]
+  assert cfg["only_cross_attention"] == cross_only
+  assert cfg["mid_block_only_cross_attention"] == cross_only[-1]
+
+
 def test_streaming_save_holds_one_window_and_reads_back(tmp_path):
   """save_streaming loads a window of tensors at a time, never the tree."""
   rng = np.random.default_rng(0)
