@@ -1,6 +1,7 @@
 """imagen-sample and imagen-export CLIs: outputs, sidecar, one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,6 +90,24 @@ def test_sample_from_export_and_start_image(workdir, tmp_path):
 def test_sample_bad_input_is_one_line_exit_2(workdir, tmp_path, args, pattern):
   args = [a.format(tmp=tmp_path, wd=workdir) for a in args]
   _one_line_error(_run("imagen_jax.sample", args), pattern)
+
+
+@pytest.mark.parametrize("module,args", [
+    ("imagen_jax.sample", ["--stages={tmp}/missing", "--prompt", "x"]),
+    ("imagen_jax.export", ["--workdir={tmp}/missing", "--out={tmp}/out"]),
+    ("imagen_jax.convert", ["--src={tmp}", "--out={tmp}/out"]),
+])
+def test_error_is_the_only_line_a_user_sees(tmp_path, module, args):
+  """Nothing (TensorFlow's start-up logging included) precedes the error
+  line in a user's environment, which does not quiet TensorFlow."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  proc = subprocess.run(
+      [sys.executable, "-m", module, *[a.format(tmp=tmp_path) for a in args]],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
+      stdin=subprocess.DEVNULL, env=env)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1, proc.stderr[-2000:]
 
 
 def test_sample_stage_chain_mismatch(workdir, tmp_path):

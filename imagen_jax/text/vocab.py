@@ -16,10 +16,12 @@ import hashlib
 import io
 import os
 import random
-
-import seqio
+from typing import TYPE_CHECKING
 
 from imagen_jax import fileio
+
+if TYPE_CHECKING:
+  import seqio
 
 DEMO_VOCAB_SIZE = 1024
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -48,6 +50,10 @@ def load_vocabulary(path: str, extra_ids: int = 0
     raise FileNotFoundError(
         f"SentencePiece vocabulary {path!r} does not exist; pass the T5 "
         "sentencepiece .model file (or 'default' for the demo vocabulary).")
+  # Imported here: seqio imports TensorFlow, whose start-up log lines would
+  # otherwise come before every CLI's one-line error, whether or not it
+  # tokenizes anything.
+  import seqio  # pylint: disable=g-import-not-at-top
   # seqio opens the model through tf.io.gfile, lazily: give it a local copy
   # that lives as long as the process.
   vocab = seqio.SentencePieceVocabulary(fileio.cached_local_copy(path),
