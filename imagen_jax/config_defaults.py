@@ -399,10 +399,6 @@ def _respacing_problem(spec: str) -> Optional[str]:
   return None
 
 
-# The one schedule that sample.timesteps respaces.
-RESPACED_SCHEDULE = "discrete_cosine"
-
-
 def timesteps_problem(timesteps: str, schedule: str) -> Optional[str]:
   """None if a stage of ``schedule`` can sample with ``timesteps``, else why.
 
@@ -413,9 +409,10 @@ def timesteps_problem(timesteps: str, schedule: str) -> Optional[str]:
   Returns:
     None, or one sentence naming both values and the fix.
   """
-  if timesteps and schedule != RESPACED_SCHEDULE:
+  from imagen_jax.diffusion import discrete  # pylint: disable=g-import-not-at-top
+  if timesteps and schedule != discrete.SCHEDULE_NAME:
     return (f"sample.timesteps={timesteps!r} respaces the "
-            f"{RESPACED_SCHEDULE} schedule, but diffusion.schedule is "
+            f"{discrete.SCHEDULE_NAME} schedule, but diffusion.schedule is "
             f"{schedule!r}; leave sample.timesteps empty (use num_steps).")
   return None
 

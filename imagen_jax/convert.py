@@ -161,6 +161,7 @@ def stage_config(model_fields: dict[str, Any], text_encoder: str, vocab: str,
     A ``ConfigDict`` like a training run's.
   """
   from imagen_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  from imagen_jax.diffusion import discrete  # pylint: disable=g-import-not-at-top
   config = config_defaults.base()
   fields = dict(model_fields)
   native = fields.pop("resolution")
@@ -168,8 +169,8 @@ def stage_config(model_fields: dict[str, Any], text_encoder: str, vocab: str,
     config.model[key] = value
   config.model.dtype = "bfloat16"
   d = config.diffusion
-  d.schedule = "discrete_cosine"
-  d.aug_schedule = "discrete_cosine"
+  d.schedule = discrete.SCHEDULE_NAME
+  d.aug_schedule = discrete.SCHEDULE_NAME
   d.prediction = "eps"
   for key, value in SAMPLE_DEFAULTS[stage_ii].items():
     config.sample[key] = value

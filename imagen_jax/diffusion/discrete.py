@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_STEPS = 1000
+# The schedule's name in configs (diffusion.schedule): the one schedule that
+# sample.timesteps respaces.
+SCHEDULE_NAME = "discrete_cosine"
 
 # IF's section respacings (steps per tenth-or-so of the schedule), by name.
 # Each string splits [0, T) into len(sections) equal parts and takes that

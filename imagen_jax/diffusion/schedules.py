@@ -25,7 +25,7 @@ LogSNRFn = Callable[[jax.Array], jax.Array]
 LOGSNR_MIN = -20.0
 LOGSNR_MAX = 20.0
 
-SCHEDULE_NAMES = ("cosine", "linear", "shifted_cosine", "discrete_cosine")
+SCHEDULE_NAMES = ("cosine", "linear", "shifted_cosine", discrete.SCHEDULE_NAME)
 
 
 def _cosine(t: jax.Array, s: float) -> jax.Array:
@@ -87,7 +87,7 @@ def get_logsnr_schedule(
   if not logsnr_min < logsnr_max:
     raise ValueError(
         f"logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max}).")
-  if name == "discrete_cosine":
+  if name == discrete.SCHEDULE_NAME:
     return discrete.logsnr_schedule()
   offset = 2.0 * math.log(shift)
 
